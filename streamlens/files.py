@@ -1,0 +1,41 @@
+"""Writing output files safely: never a half-written file, and a clear error for a bad folder."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+class OutputError(ValueError):
+    """An output folder or file that cannot be written."""
+
+
+def prepare_out_dir(out: str | os.PathLike[str]) -> Path:
+    """Create `out` if needed and check that it is a writable folder."""
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"--out {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as error:
+        raise OutputError(f"--out {folder} is not writable: {error.strerror or error}") from error
+    return folder
+
+
+def write_atomic(path: str | os.PathLike[str], content: str | bytes) -> Path:
+    """Write `content` to a temporary file beside `path`, then rename it into place."""
+    target = Path(path)
+    mode = "wb" if isinstance(content, bytes) else "w"
+    handle = tempfile.NamedTemporaryFile(mode, dir=target.parent, prefix=f".{target.name}.", delete=False,
+                                         **({} if mode == "wb" else {"encoding": "utf-8"}))
+    try:
+        with handle:
+            handle.write(content)
+        os.replace(handle.name, target)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    return target

