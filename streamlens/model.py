@@ -156,6 +156,17 @@ class Model:
             bias = None
         return bias if bias is not None else torch.zeros(self.info.d_model, dtype=self.dtype, device=self.device)
 
+    def final_logits(self, stream: torch.Tensor) -> torch.Tensor:
+        """The model's own final norm (recomputed, not frozen) and unembedding.
+
+        Args:
+            stream: [..., d_model], e.g. the final stream or the stream after any block.
+        Returns:
+            logits [..., d_vocab]; `final_logits(final stream)` equals the model's logits.
+        """
+        normalized = self._bridge.ln_final.original_component(stream)
+        return normalized @ self.W_U + self.b_U
+
     # ----- text --------------------------------------------------------------------------------
     def to_tokens(self, text: str) -> torch.Tensor:
         """Tokenise one text exactly as the HF tokenizer does. Returns [1, pos] int64."""
