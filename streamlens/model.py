@@ -100,7 +100,8 @@ class Model:
 
     @property
     def has_pos_embed(self) -> bool:
-        return sites.POS_EMBED in self._bridge.hook_dict
+        # the bridge lists an alias `hook_pos_embed` even for rotary models, where it never fires
+        return hasattr(self._bridge, "pos_embed") and sites.POS_EMBED in self._bridge.hook_dict
 
     def check_layer(self, layer: int) -> int:
         if not 0 <= layer < self.n_layers:

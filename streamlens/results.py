@@ -124,7 +124,11 @@ class Result:
 def frame(rows: list[dict[str, Any]]) -> "pd.DataFrame":
     import pandas as pd
 
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    for column in ("layer", "head"):  # integer labels with gaps (None) stay integers
+        if column in table and table[column].dtype.kind == "f":
+            table[column] = table[column].astype("Int64")
+    return table
 
 
 @dataclass(frozen=True)
@@ -231,4 +235,105 @@ class StreamWrites(Result):
                             "stream_norm_after": float(running[index, batch, pos]),
                         }
                     )
+        return frame(rows)
+
+
+@dataclass(frozen=True)
+class LogitDecomposition(Result):
+    """Contributions of each stream component to target logits at chosen positions.
+
+    Shapes: contributions [component, n_pos, n_targets]; logits [n_pos, n_targets] (the model's real
+    logit, or logit difference when a contrast token is set); accumulated [n_layers + 1, n_pos,
+    n_targets] (row 0: embeddings; row L + 1: after block L; bias terms excluded); scale [n_pos] (the
+    frozen final-norm scale). Identity: contributions.sum(0) == logits.
+    """
+
+    provenance: Provenance
+    tokens: torch.Tensor
+    token_strings: tuple[str, ...]
+    positions: tuple[int, ...]
+    target_ids: torch.Tensor
+    contrast_ids: torch.Tensor
+    target_strings: tuple[list[str], ...]
+    labels: tuple[str, ...]
+    kinds: tuple[str, ...]
+    layers: tuple[int | None, ...]
+    heads: tuple[int | None, ...]
+    contributions: torch.Tensor
+    logits: torch.Tensor
+    accumulated: torch.Tensor
+    scale: torch.Tensor
+    norm: str
+
+    @property
+    def total(self) -> torch.Tensor:
+        """Sum of all contributions, [n_pos, n_targets]."""
+        return self.contributions.sum(0)
+
+    @property
+    def error(self) -> float:
+        """max |sum of contributions - real logit|."""
+        return float((self.total - self.logits).abs().max())
+
+    def to_dataframe(self) -> "pd.DataFrame":
+        """One row per (position, target, component)."""
+        rows = []
+        for p_index, position in enumerate(self.positions):
+            for t_index, target in enumerate(self.target_strings[p_index]):
+                for c_index, label in enumerate(self.labels):
+                    rows.append(
+                        {
+                            "position": position,
+                            "token": self.token_strings[position],
+                            "target": target,
+                            "component": label,
+                            "kind": self.kinds[c_index],
+                            "layer": self.layers[c_index],
+                            "head": self.heads[c_index],
+                            "contribution": float(self.contributions[c_index, p_index, t_index]),
+                            "logit": float(self.logits[p_index, t_index]),
+                        }
+                    )
+        return frame(rows)
+
+
+@dataclass(frozen=True)
+class LogitLens(Result):
+    """The final norm and unembedding applied to the stream after the embeddings and every block.
+
+    Shapes (stage = embeddings, then after each block; n_stages = n_layers + 1): top_ids, top_probs
+    [stage, pos, k]; target_ids [pos]; target_probs, target_ranks (0 = top), kl_to_final (nats,
+    KL(final || lens)) [stage, pos]. The last stage is the model's own output.
+    """
+
+    provenance: Provenance
+    tokens: torch.Tensor
+    token_strings: tuple[str, ...]
+    layer_labels: tuple[str, ...]
+    top_ids: torch.Tensor
+    top_probs: torch.Tensor
+    top_strings: tuple[list[list[str]], ...]
+    target_ids: torch.Tensor
+    target_probs: torch.Tensor
+    target_ranks: torch.Tensor
+    kl_to_final: torch.Tensor
+
+    def to_dataframe(self) -> "pd.DataFrame":
+        """One row per (stage, position)."""
+        rows = []
+        for stage, layer in enumerate(self.layer_labels):
+            for position, token in enumerate(self.token_strings):
+                rows.append(
+                    {
+                        "layer": layer,
+                        "position": position,
+                        "token": token,
+                        "target_id": int(self.target_ids[position]),
+                        "target_prob": float(self.target_probs[stage, position]),
+                        "target_rank": int(self.target_ranks[stage, position]),
+                        "kl_to_final": float(self.kl_to_final[stage, position]),
+                        "top1": self.top_strings[stage][position][0],
+                        "top1_prob": float(self.top_probs[stage, position, 0]),
+                    }
+                )
         return frame(rows)
