@@ -157,7 +157,7 @@ def test_lens_heatmap_is_stages_by_positions(model, prompt_tokens):
     rank = torch.tensor(lens_plots.lens_heatmap(lens, "rank").data[0].z, dtype=torch.float64)
     assert torch.equal(rank[-1], torch.zeros(prompt_tokens.shape[1], dtype=rank.dtype))
     top = lens_plots.lens_heatmap(lens).data[0].text
-    assert top[-1][0] == repr(lens.top_strings[-1][0][0])
+    assert top[-1][0] == repr(lens.top_strings[-1][0][0])[1:-1]
 
 
 def test_kl_figure_has_every_stage_and_ends_at_zero(model, prompt_tokens):

@@ -145,4 +145,5 @@ def head_heatmap(decomposition: LogitDecomposition, pos_index: int = -1, target_
     ))
     fig.update_xaxes(dtick=1)
     fig.update_yaxes(dtick=1 if n_layers <= 12 else 2)  # layer 0 at the bottom, as the stack is built
+    fig.update_layout(height=max(420, 16 * n_layers + 160))
     return finish(fig, f"Head contributions to the {what} (total {real:.4g})", "head", "layer")

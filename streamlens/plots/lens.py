@@ -30,6 +30,11 @@ def target_label(lens: LogitLens, position: int) -> str:
     return f"token id {target}"
 
 
+def _cell(token: str) -> str:
+    """A token as short cell text: escapes kept (a newline shows as \\n), quotes dropped."""
+    return repr(token)[1:-1]
+
+
 def _position_labels(lens: LogitLens) -> list[str]:
     # the index keeps labels unique when a token repeats
     return [f"{i} {token!r}" for i, token in enumerate(lens.token_strings)]
@@ -40,8 +45,8 @@ def lens_heatmap(lens: LogitLens, value: Literal["prob", "rank"] = "prob") -> go
 
     Args:
         lens: a `LogitLens` from `streamlens.logit_lens`.
-        value: "prob" colours by the target's probability; "rank" by log10(1 + rank), so rank 0 is
-            the darkest and the colour bar is labelled in ranks.
+        value: "prob" colours by the target's probability; "rank" by log10(1 + rank), reversed so
+            that rank 0 has the colour of probability 1, and the colour bar is labelled in ranks.
     """
     if value not in ("prob", "rank"):
         raise ValueError(f"value {value!r}: choose 'prob' or 'rank'")
@@ -55,7 +60,7 @@ def lens_heatmap(lens: LogitLens, value: Literal["prob", "rank"] = "prob") -> go
         f"<br>top: " + ", ".join(f"{token!r} {float(p):.3g}" for token, p in
                                  zip(lens.top_strings[stage][pos], lens.top_probs[stage, pos]))
         for pos in range(n_pos)] for stage in range(n_stages)]
-    cells = [[repr(lens.top_strings[stage][pos][0]) for pos in range(n_pos)] for stage in range(n_stages)]
+    cells = [[_cell(lens.top_strings[stage][pos][0]) for pos in range(n_pos)] for stage in range(n_stages)]
     if value == "prob":
         z, bar = lens.target_probs.tolist(), {"title": {"text": "target probability"}}
         scale, bounds = "Viridis", {"zmin": 0.0, "zmax": 1.0}

@@ -1,0 +1,75 @@
+"""`streamlens report`: one self-contained HTML with every figure; bad input exits 2 and writes nothing."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from streamlens.cli import app
+from streamlens.model import load_model
+from streamlens.report import standard_report
+from streamlens.testing import tiny_model_folder
+
+PROMPT = "w5 w17 w33 w8 w40"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_model_folder(tmp_path_factory.mktemp("report-model"), arch="gpt2", n_layers=2, d_model=24, n_heads=3)
+
+
+def run(*args):
+    return CliRunner().invoke(app, ["report", *map(str, args)])
+
+
+def test_report_is_one_self_contained_page_with_every_figure(folder, tmp_path):
+    out = tmp_path / "nested" / "report.html"
+    result = run("--model", folder, "--prompt", PROMPT, "--target", "w9", "--dtype", "float64", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert list(out.parent.iterdir()) == [out]  # no temporary file left beside it
+    page = out.read_text(encoding="utf-8")
+
+    sections = standard_report(load_model(str(folder), dtype="float64"), prompt=PROMPT, target="w9").sections
+    assert len(sections) >= 9
+    divs = re.findall(r'<div id="(plot-\d+)" class="plotly-graph-div"', page)
+    assert divs == [f"plot-{i}" for i in range(len(sections))]
+    for section in sections:
+        assert section.title.replace("'", "&#x27;") in page
+    # plotly.js is inside, once; nothing is fetched from anywhere
+    assert page.count("plotly.js v") == 1 and len(page) > 3_000_000
+    assert not re.search(r"<script[^>]*\bsrc=", page)
+    assert "Plotly.newPlot" in page and page.count("Plotly.newPlot") == len(sections)
+    # the header says which model, prompt and target
+    assert str(folder) in page and "w9" in page and "2 layers" in page
+
+
+@pytest.mark.parametrize("make_out, message", [
+    (lambda tmp: tmp / "report.txt", "give a path ending in .html"),
+    (lambda tmp: tmp, "is a folder"),
+    (lambda tmp: tmp / "a-folder.html", "is a folder"),
+    (lambda tmp: tmp / "a-file" / "report.html", "is a file, not a folder"),
+])
+def test_bad_out_exits_2_and_writes_nothing(folder, tmp_path, make_out, message):
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "a-folder.html").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    result = run("--model", folder, "--prompt", PROMPT, "--out", make_out(tmp_path))
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "w3 w4"], "is not a single token"),
+    (["--prompt", "  "], "empty prompt"),
+    (["--dtype", "float16"], "unknown dtype 'float16'"),
+    (["--model", "/no/such/model"], "does not exist"),
+])
+def test_bad_input_exits_2_and_leaves_no_file(folder, tmp_path, args, message):
+    out = tmp_path / "report.html"
+    result = run("--model", folder, "--prompt", PROMPT, *args, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
