@@ -145,8 +145,12 @@ class Model:
         return bias
 
     def W_O(self, layer: int) -> torch.Tensor:
-        """Attention output weights of one layer, shape [n_heads, d_head, d_model]."""
-        return self._bridge.W_O[self.check_layer(layer)]
+        """Attention output weights of one layer, shape [n_heads, d_head, d_model].
+
+        Read from the layer itself: the bridge's stacked `W_O` rebuilds all layers on every access,
+        and a view of it would keep the whole stack alive.
+        """
+        return self._bridge.blocks[self.check_layer(layer)].attn.W_O
 
     def b_O(self, layer: int) -> torch.Tensor:
         """Attention output bias of one layer, shape [d_model] (zeros when absent)."""

@@ -32,6 +32,13 @@ def record(model: Model, tokens: torch.Tensor, heads: bool = False, command: str
         `StreamWrites` whose `embed + pos_embed + attn.sum(0) + mlp.sum(0)` equals `final`.
     """
     model.check_tokens(tokens)
+    batch, n_pos = tokens.shape
+    n_layers, d_model = model.n_layers, model.info.d_model
+    empty = dict(dtype=model.dtype, device=model.device)
+    # Writes go straight into preallocated buffers: no per-layer list, no stacking copy at the end.
+    attn = torch.empty(n_layers, batch, n_pos, d_model, **empty)
+    mlp = torch.empty(n_layers, batch, n_pos, d_model, **empty)
+    head_writes = torch.empty(n_layers, batch, n_pos, model.n_heads, d_model, **empty) if heads else None
     kept: dict[str, torch.Tensor] = {}
 
     def keep(name: str):
@@ -41,24 +48,30 @@ def record(model: Model, tokens: torch.Tensor, heads: bool = False, command: str
 
         return hook
 
-    def keep_head_writes(layer: int):
+    def into(buffer: torch.Tensor, layer: int):
+        def hook(tensor: torch.Tensor, hook: Any) -> None:
+            buffer[layer].copy_(tensor.detach())
+
+        return hook
+
+    def into_heads(buffer: torch.Tensor, layer: int):
         W_O = model.W_O(layer)
 
         def hook(z: torch.Tensor, hook: Any) -> None:
             # z: [batch, pos, head, d_head] -> per-head write [batch, pos, head, d_model]
-            kept[f"heads.{layer}"] = einops.einsum(
+            buffer[layer].copy_(einops.einsum(
                 z.detach(), W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model"
-            )
+            ))
 
         return hook
 
     names = [sites.EMBED, sites.FINAL_STREAM, sites.FINAL_SCALE]
     names += [sites.POS_EMBED] if model.has_pos_embed else []
-    for layer in range(model.n_layers):
-        names += [sites.attn_out(layer), sites.mlp_out(layer)]
     hooks = [(name, keep(name)) for name in names]
-    if heads:
-        hooks += [(sites.attn_z(layer), keep_head_writes(layer)) for layer in range(model.n_layers)]
+    for layer in range(n_layers):
+        hooks += [(sites.attn_out(layer), into(attn, layer)), (sites.mlp_out(layer), into(mlp, layer))]
+        if head_writes is not None:
+            hooks.append((sites.attn_z(layer), into_heads(head_writes, layer)))
     with torch.inference_mode():
         logits = model.run(tokens, hooks=hooks)
     layers = range(model.n_layers)
@@ -68,9 +81,9 @@ def record(model: Model, tokens: torch.Tensor, heads: bool = False, command: str
         token_strings=tuple(model.decode(t) for t in tokens[0].tolist()),
         embed=kept[sites.EMBED],
         pos_embed=kept.get(sites.POS_EMBED),
-        attn=torch.stack([kept[sites.attn_out(layer)] for layer in layers]),
-        mlp=torch.stack([kept[sites.mlp_out(layer)] for layer in layers]),
-        heads=torch.stack([kept[f"heads.{layer}"] for layer in layers]) if heads else None,
+        attn=attn,
+        mlp=mlp,
+        heads=head_writes,
         attn_bias=torch.stack([model.b_O(layer).detach() for layer in layers]),
         final=kept[sites.FINAL_STREAM],
         final_scale=kept[sites.FINAL_SCALE],
