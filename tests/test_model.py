@@ -107,3 +107,27 @@ def test_gguf_cache_is_reused(smol):
     assert again.info.source == smol.info.source
     assert again.info.weights_hash == smol.info.weights_hash
     assert again.info.load_seconds < 10
+
+
+def test_hub_name_loads_offline_from_the_hf_cache(tmp_path, monkeypatch):
+    """An HF hub name works without network when its files are in the local HF cache."""
+    from streamlens.testing import tiny_model_folder
+
+    snapshot = tmp_path / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / ("0" * 40)
+    tiny_model_folder(snapshot, arch="llama")
+    (tmp_path / "hub" / "models--tiny-org--tiny-llama" / "refs").mkdir()
+    (tmp_path / "hub" / "models--tiny-org--tiny-llama" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = load_model("tiny-org/tiny-llama")
+    assert model.info.name == "tiny-org/tiny-llama" and model.n_layers == 3
+    assert model.run(model.to_tokens("w5 w6")).shape == (1, 2, 64)
+
+
+def test_bfloat16_runs_and_records(tmp_path, tiny_tokens):
+    from streamlens.testing import tiny_model_folder
+
+    model = load_model(str(tiny_model_folder(tmp_path, arch="gpt2")), dtype="bfloat16")
+    writes = record(model, tiny_tokens)
+    assert writes.attn.dtype == torch.bfloat16
+    assert writes.identity_error() / float(writes.final.abs().max()) < 0.05  # bf16 rounding only
