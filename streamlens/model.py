@@ -172,6 +172,11 @@ class Model:
         normalized = self._bridge.ln_final.original_component(stream)
         return normalized @ self.W_U + self.b_U
 
+    def final_norm(self, stream: torch.Tensor) -> torch.Tensor:
+        """The model's own final norm, recomputed on `stream` [..., d_model] (the part of
+        `final_logits` before the unembedding: final_logits(x) == final_norm(x) @ W_U + b_U)."""
+        return self._bridge.ln_final.original_component(stream)
+
     # ----- text --------------------------------------------------------------------------------
     def to_tokens(self, text: str) -> torch.Tensor:
         """Tokenise one text exactly as the HF tokenizer does. Returns [1, pos] int64."""
@@ -400,8 +405,10 @@ def load_model(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
     from transformer_lens.model_bridge import TransformerBridge
 
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on every load are noise in a CLI
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
