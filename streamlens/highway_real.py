@@ -1,0 +1,212 @@
+"""The gradient highway in a real model: per-layer gradients of the LM loss, with and without skips.
+
+Definitions (what the numbers mean):
+- the stream entering block L is `resid_pre L` [batch, pos, d_model];
+- the loss is the mean next-token cross-entropy over every position of the batch;
+- the gradient norm at layer L is ||dloss/d resid_pre L||, the Frobenius norm over batch, pos and
+  d_model of the *total* gradient reaching the stream there (through the block and around it);
+- removing the skip of block L: the stream leaving the block is the sum of the block's two writes,
+  `resid_post L = attn_out L + mlp_out L`, instead of `resid_pre L + attn_out L + mlp_out L`. A hook
+  on `resid_post L` returns `resid_post L - resid_pre L`. Only the block's outer identity path is cut:
+  in a pre-norm block the MLP still reads `resid_pre L + attn_out L`. So d resid_post / d resid_pre
+  becomes dF/dx instead of I + dF/dx, with F the whole block.
+
+The parameters have `requires_grad=False`; a hook on the embedding returns a detached copy that
+requires grad, so autograd builds the graph from the stream onwards and nothing else changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import einops
+import torch
+
+from streamlens import sites
+from streamlens.model import Model
+from streamlens.results import Provenance, Result, command_line, frame
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+ALL_SKIPS = "all skips"
+
+
+def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
+    """Layers whose skip is removed: "none", "all", "10,11,12" or "10-12" (mixable: "0,10-12")."""
+    text = spec.strip().lower()
+    if text in ("", "none"):
+        return ()
+    if text == "all":
+        return tuple(range(n_layers))
+    layers: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            chosen = range(int(first), int(last) + 1) if dash else [int(first)]
+        except ValueError:
+            raise ValueError(f"layers {spec!r} not understood: use none, all, or numbers and ranges "
+                             f"such as 10,11,12 or 10-12 (0-{n_layers - 1})") from None
+        for layer in chosen:
+            if not 0 <= layer < n_layers:
+                raise ValueError(f"layer {layer} in {spec!r} out of range: model has {n_layers} layers (0-{n_layers - 1})")
+            if layer not in layers:
+                layers.append(layer)
+    return tuple(sorted(layers))
+
+
+def condition_label(removed: Sequence[int], n_layers: int) -> str:
+    """"all skips", "no skip: 10,11,12" or "no skip: all"."""
+    if not removed:
+        return ALL_SKIPS
+    return "no skip: all" if len(removed) == n_layers else "no skip: " + ",".join(map(str, removed))
+
+
+# Used only when `streamlens.data` (the project's built-in texts) is not available.
+_FALLBACK_TEXT = (
+    "The lighthouse keeper climbed the stairs every evening to light the lamp. Ships passed the rocks "
+    "safely because the beam swept across the water all night. In the morning he wrote the weather in a "
+    "small book: wind from the west, light rain, a calm sea by noon. Bread is made from flour, water, salt "
+    "and yeast. The dough rises slowly in a warm kitchen, and the baker shapes it into loaves before "
+    "dawn. def mean(values):\n    return sum(values) / len(values)\n\nprint(mean([1, 2, 3, 4]))\n"
+    "The town council met on Tuesday to discuss the new bicycle lanes, the budget for the library and "
+    "the repair of the old bridge over the river."
+)
+
+
+def highway_tokens(model: Model, window: int = 64, n_windows: int = 4) -> tuple[torch.Tensor, str]:
+    """A small batch of text: token ids [n_windows, window] from the built-in texts, and a description.
+
+    Uses `streamlens.data` (the project's built-in texts) when it is installed, else a short text of
+    this module (then fewer windows may come back).
+    """
+    try:
+        from streamlens.data import load_texts, token_windows
+    except ImportError:
+        if window < 2 or n_windows < 1:
+            raise ValueError(f"window {window} / n_windows {n_windows}: need window >= 2 and n_windows >= 1") from None
+        ids = model.tokenizer(_FALLBACK_TEXT).input_ids
+        windows = [ids[start : start + window] for start in range(0, len(ids) - window + 1, window)][:n_windows]
+        if not windows:
+            raise ValueError(f"window {window} is longer than the fallback text ({len(ids)} tokens)") from None
+        tokens = model.check_tokens(torch.tensor(windows, dtype=torch.long, device=model.device))
+        return tokens, f"fallback text ({tokens.shape[0]} windows of {window} tokens)"
+    tokens = token_windows(model, load_texts(None), window, n_windows)
+    return tokens, f"builtin texts ({tokens.shape[0]} windows of {tokens.shape[1]} tokens)"
+
+
+@dataclass(frozen=True)
+class RealHighway(Result):
+    """Gradient of the LM loss at the stream entering each block, per condition.
+
+    Shapes: tokens [batch, pos]; grad_norm, stream_norm [condition, layer] (||dloss/d resid_pre L||,
+    ||resid_pre L||); loss [condition]. `removed[c]` lists the blocks whose skip was removed in
+    condition c (empty: the model as it is).
+    """
+
+    provenance: Provenance
+    conditions: tuple[str, ...]
+    removed: tuple[tuple[int, ...], ...]
+    tokens: torch.Tensor
+    text: str
+    grad_norm: torch.Tensor
+    stream_norm: torch.Tensor
+    loss: torch.Tensor
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "removed", tuple(tuple(layers) for layers in self.removed))  # JSON gives lists
+
+    def first_to_last(self) -> torch.Tensor:
+        """||grad at layer 0|| / ||grad at the last layer||, [condition]."""
+        return self.grad_norm[:, 0] / self.grad_norm[:, -1]
+
+    def to_dataframe(self) -> "pd.DataFrame":
+        """Tidy rows (kind = condition, layer, measure, value); measures grad_norm, stream_norm, loss."""
+        n_layers = self.grad_norm.shape[1]
+        rows: list[dict[str, Any]] = []
+        for c, condition in enumerate(self.conditions):
+            base = {"part": "real", "kind": condition, "depth": n_layers, "step": None}
+            for measure in ("grad_norm", "stream_norm"):
+                values = getattr(self, measure)[c].tolist()
+                rows += [{**base, "layer": layer, "measure": measure, "value": value} for layer, value in enumerate(values)]
+            rows.append({**base, "layer": None, "measure": "loss", "value": float(self.loss[c])})
+        return frame(rows)
+
+
+def highway_hooks(model: Model, removed: Sequence[int], streams: dict[int, torch.Tensor]) -> list[tuple[str, Any]]:
+    """Hooks that make the stream differentiable, keep each `resid_pre L` in `streams[L]` (still in
+    the graph) and remove the skip of the blocks in `removed` (their `resid_post` becomes
+    `attn_out + mlp_out`)."""
+
+    def leaf(embedding: torch.Tensor, hook: Any) -> torch.Tensor:
+        return embedding.detach().requires_grad_(True)
+
+    def keep(layer: int):
+        def hook(resid_pre: torch.Tensor, hook: Any) -> None:
+            streams[layer] = resid_pre
+
+        return hook
+
+    def cut_skip(layer: int):
+        def hook(resid_post: torch.Tensor, hook: Any) -> torch.Tensor:
+            return resid_post - streams[layer]  # = attn_out + mlp_out: the block's writes alone
+
+        return hook
+
+    hooks = [(sites.EMBED, leaf)] + [(sites.resid_pre(layer), keep(layer)) for layer in range(model.n_layers)]
+    return hooks + [(sites.resid_post(layer), cut_skip(layer)) for layer in removed]
+
+
+def _gradients_without_skips(model: Model, tokens: torch.Tensor, removed: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """One forward and backward pass: (grad_norm [layer], stream_norm [layer], loss [])."""
+    streams: dict[int, torch.Tensor] = {}
+    hooks = highway_hooks(model, removed, streams)
+    with torch.enable_grad():
+        logits = model.run(tokens, hooks=hooks)
+        predictions = einops.rearrange(logits[:, :-1], "batch pos vocab -> (batch pos) vocab")
+        labels = einops.rearrange(tokens[:, 1:], "batch pos -> (batch pos)")
+        loss = torch.nn.functional.cross_entropy(predictions, labels)
+        inputs = [streams[layer] for layer in range(model.n_layers)]
+        grads = torch.autograd.grad(loss, inputs)
+    grad_norm = torch.stack([grad.norm() for grad in grads])
+    stream_norm = torch.stack([stream.detach().norm() for stream in inputs])
+    return grad_norm, stream_norm, loss.detach()
+
+
+def skip_gradients(
+    model: Model,
+    tokens: torch.Tensor,
+    removed: Sequence[Sequence[int]] = ((),),
+    text: str = "",
+    command: str | None = None,
+    on_condition: Any = None,
+) -> RealHighway:
+    """Per-layer gradient of the LM loss for the model as it is and with some skips removed.
+
+    Args:
+        model: a loaded `Model` (its hooks are attached only during each pass).
+        tokens: token ids [batch, pos], pos >= 2.
+        removed: one entry per condition: the blocks whose skip is removed (empty: none).
+        text: a description of the tokens, kept in the result.
+        on_condition: called with no argument after each condition (progress bars).
+    """
+    model.check_tokens(tokens)
+    if tokens.shape[1] < 2:
+        raise ValueError(f"tokens have {tokens.shape[1]} position: need at least 2 for one next-token prediction")
+    if not removed:
+        raise ValueError("no condition to measure: give at least one set of layers (empty: the model as it is)")
+    removed = tuple(tuple(sorted({model.check_layer(layer) for layer in layers})) for layers in removed)
+    results = []
+    for layers in removed:
+        results.append(_gradients_without_skips(model, tokens, layers))
+        if on_condition is not None:
+            on_condition()
+    grad_norm, stream_norm, loss = (torch.stack(parts) for parts in zip(*results))
+    return RealHighway(
+        provenance=Provenance.of(model, command or command_line()),
+        conditions=tuple(condition_label(layers, model.n_layers) for layers in removed),
+        removed=removed, tokens=tokens.detach().cpu(), text=text,
+        grad_norm=grad_norm.cpu(), stream_norm=stream_norm.cpu(), loss=loss.cpu(),
+    )
