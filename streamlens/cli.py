@@ -78,6 +78,193 @@ def decompose(
 
 # ----- ablate (issue 4) --------------------------------------------------------------------------
 
+def _ablate_out_check(out: str) -> None:
+    """Fail early (before any work, creating nothing) when `out` cannot become a writable folder."""
+    import os
+    from pathlib import Path
+
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        fail(f"--out {folder} is a file, not a folder")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        fail(f"--out {folder} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--out {folder} is not writable ({existing} does not allow writing)")
+
+
+def _ablate_ints(option: str, text: str | None) -> list[int] | None:
+    """'0-5,9' -> [0, 1, 2, 3, 4, 5, 9]; None stays None (all)."""
+    if text is None:
+        return None
+    values: list[int] = []
+    try:
+        for part in text.split(","):
+            low, dash, high = part.strip().partition("-")
+            values += list(range(int(low), int(high) + 1)) if dash else [int(low)]
+    except ValueError:
+        fail(f"{option} {text!r} not understood: use numbers and ranges such as 0-5,9")
+    return values
+
+
+def _ablate_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        fail(f"unknown {option} {value!r}: choose from {', '.join(choices)}")
+    return value
+
+
+@app.command()
+def ablate(
+    model: str = typer.Option(None, "--model", help="'smollm2' (default), a .gguf file, an HF folder or name."),
+    data: str = typer.Option(None, "--data", help="builtin (default: prose and code in data/), prompts (built-in "
+                             "prompt/target set), a .txt file, a .jsonl file ({\"text\"} or {\"prompt\", \"target\"} "
+                             "lines), or a literal text."),
+    unit: str = typer.Option("block", "--unit", help="block, attn, mlp or head."),
+    method: str = typer.Option("zero", "--method", help="zero, mean or resample."),
+    effect: str = typer.Option("total", "--effect", help="total, direct, or both (adds a direct-vs-total figure)."),
+    metrics: str = typer.Option(None, "--metrics", help="Comma list: loss_increase, kl, top1_agreement, "
+                                "target_logit_change, target_prob_change (default: all that apply)."),
+    cumulative: str = typer.Option("none", "--cumulative", help="none; order (remove units least damaging first, "
+                                   "ranked by the sweep); greedy (re-rank after every removal; slow)."),
+    layers: str = typer.Option(None, "--layers", help="Layers to ablate, e.g. 0-5,9 (default: all)."),
+    heads: str = typer.Option(None, "--heads", help="Heads for --unit head, e.g. 0,3 (default: all)."),
+    positions: str = typer.Option("all", "--positions", help="Predictions scored in each window: all, last, or "
+                                  "a slice such as 8: (prompt sets: always the last position)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float64 or bfloat16."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the resample donors and the bootstrap."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Most sequences in one forward (texts x variants)."),
+    window: int = typer.Option(64, "--window", help="Tokens per window of text."),
+    max_windows: int = typer.Option(16, "--max-windows", help="Most windows (taken round-robin over the texts)."),
+    n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates for the 95% CIs (over texts)."),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice; 1 is often "
+                                "faster on a busy shared machine)."),
+    out: str = typer.Option("streamlens-out", "--out", help="Folder for ablation.csv, ablation.json, ablation.html."),
+) -> None:
+    """Remove each block, sublayer or head in turn and measure the damage, with 95% bootstrap CIs."""
+    import json
+    import time
+    from pathlib import Path
+
+    started = time.perf_counter()
+    from streamlens import ablation as A
+
+    _ablate_choice("--unit", unit, A.UNIT_KINDS)
+    _ablate_choice("--method", method, A.METHODS)
+    effects = ("direct", "total") if _ablate_choice("--effect", effect, (*A.EFFECTS, "both")) == "both" else (effect,)
+    _ablate_choice("--cumulative", cumulative, ("none", *A.CUMULATIVE_MODES))
+    layer_list, head_list = _ablate_ints("--layers", layers), _ablate_ints("--heads", heads)
+    metric_list = None if metrics is None else [name.strip() for name in metrics.split(",") if name.strip()]
+    for option, value, least in (("--batch-size", batch_size, 1), ("--bootstrap", n_boot, 1),
+                                 ("--threads", 1 if threads is None else threads, 1)):
+        if value < least:
+            fail(f"{option} {value} must be at least {least}")
+    _ablate_out_check(out)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    try:
+        from streamlens import data as D
+        from streamlens.files import prepare_out_dir, write_atomic
+        from streamlens.model import load_model
+        from streamlens.plots import ablation as plots
+        from streamlens.results import command_line
+
+        if D.is_prompt_source(data):
+            D.load_prompts(data)  # a bad file fails before the model loads
+        else:
+            D.load_texts(data)
+        loaded = load_model(model, dtype=dtype, device=device)
+        batch = D.load_batch(loaded, data, window=window, max_windows=max_windows, positions=positions)
+        sites_list = A.units(loaded, unit, layer_list, head_list)
+        command = command_line()
+        options = dict(metrics=metric_list, seed=seed, batch_size=batch_size, n_boot=n_boot, command=command)
+        n_chunks = -(-batch.n_texts // min(batch_size, batch.n_texts))
+        total = len(effects) * len(sites_list) * n_chunks
+        if cumulative != "none":
+            total += A.cumulative_evaluations(len(sites_list), cumulative) * n_chunks
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task(f"ablating {len(sites_list)} {unit} units", total=total)
+            advance = lambda n: bar.advance(task, n)  # noqa: E731
+            results = {name: A.sweep(loaded, batch, unit, method, name, layer_list, head_list, progress=advance,
+                                     **options) for name in effects}
+            main_result = results[effects[-1]]
+            curve = None
+            if cumulative != "none":
+                ranked = [sites_list[i] for i in A.by_damage(main_result)]
+                curve = A.cumulative(loaded, batch, ranked, cumulative, method, effects[-1], progress=advance,
+                                     **options)
+    except (ValueError, OSError) as error:
+        fail(str(error))
+
+    metric = main_result.metrics[0]
+    frame = __import__("pandas").concat([results[name].to_dataframe() for name in effects], ignore_index=True)
+    figures = [plots.damage(results[name], metric) for name in effects[::-1]]
+    if len(effects) == 2:
+        figures.append(plots.direct_vs_total(results["direct"], results["total"], metric))
+    if curve is not None:
+        figures.append(plots.cumulative_curve(curve, metric))
+    info, provenance = loaded.info, main_result.provenance
+    seconds = time.perf_counter() - started
+    metadata = {
+        "command": command, "model": info.name, "architecture": info.architecture, "weights_hash": info.weights_hash,
+        "dtype": info.dtype, "device": info.device, "data": batch.description, "n_texts": batch.n_texts,
+        "n_tokens": int(batch.valid.sum()), "n_predictions": batch.n_scored, "unit": unit, "method": method,
+        "effect": effect, "metrics": list(main_result.metrics), "cumulative": cumulative, "positions": positions,
+        "layers": layers or "all", "heads": heads or ("all" if unit == "head" else None), "window": window,
+        "max_windows": max_windows, "batch_size": batch_size, "bootstrap": {"replicates": n_boot, "level": 0.95,
+        "resampling_unit": "text (window or prompt)"}, "seed": seed, "versions": provenance.versions,
+        "created": provenance.created, "seconds": round(seconds, 2), "threads": __import__("torch").get_num_threads(),
+        "clean_loss": float(main_result.clean_loss.mean()),
+        "cumulative_order": None if curve is None else list(curve.units),
+    }
+    facts = [("model", f"{info.name} ({info.n_layers} layers, {info.dtype} on {info.device})"),
+             ("weights sha256", info.weights_hash), ("data", batch.description),
+             ("ablation", f"{unit} units, {method}, {effect} effect"), ("command", command),
+             ("made", f"{provenance.created}, {seconds:.1f} s")]
+    title = f"streamlens ablate: {info.name}"
+    try:
+        folder = prepare_out_dir(out)
+        files = {"ablation.csv": frame.to_csv(index=False), "ablation.json": json.dumps(metadata, indent=2),
+                 "ablation.html": plots.page(title, figures, facts)}
+        if curve is not None:
+            files["ablation_cumulative.csv"] = curve.to_dataframe().to_csv(index=False)
+        for name, content in files.items():
+            write_atomic(Path(folder) / name, content)
+    except (ValueError, OSError) as error:
+        fail(str(error))
+
+    order = A.by_damage(main_result, metric)
+    short = {"loss_increase": "loss +", "kl": "KL", "top1_agreement": "top-1 agree", "target_logit_change":
+             "target logit", "target_prob_change": "target prob"}
+    table = Table(title=f"Removing one {unit} at a time ({method}, {effects[-1]} effect); clean loss "
+                        f"{float(main_result.clean_loss.mean()):.3f} nats; 95% CI over {batch.n_texts} texts")
+    for index, column in enumerate(("", "unit", f"{short[metric]} [95% CI]", *(short[m] for m in main_result.metrics[1:]))):
+        table.add_column(column, justify="right", no_wrap=index < 3)
+    shown = min(5, (len(order) + 1) // 2)  # few units: split them between the two groups
+    most = list(reversed(order[-shown:]))
+    least = [i for i in order[:shown] if i not in most]
+    for group, indices in (("most damaging", most), ("least damaging", least)):
+        for rank, index in enumerate(indices):
+            row = main_result.values[index]
+            low, high = float(main_result.ci_low[index, 0]), float(main_result.ci_high[index, 0])
+            table.add_row(group if rank == 0 else "", main_result.units[index],
+                          f"{float(row[0]):.3f} [{low:.3f}, {high:.3f}]", *(f"{float(v):.3f}" for v in row[1:]))
+        table.add_section()
+    Console().print(table)
+    typer.echo(f"wrote {', '.join(files)} to {folder} in {seconds:.1f} s")
+
+
 # ----- report (issue 5) --------------------------------------------------------------------------
 
 @app.command()
