@@ -272,7 +272,8 @@ def report(
     model: str = typer.Option(None, "--model", help="'smollm2' (default), a .gguf file or an HF folder."),
     prompt: str = typer.Option("The capital of France is", "--prompt", help="Prompt to decompose and lens."),
     target: str = typer.Option(None, "--target", help="Next token to explain, e.g. ' Paris' (default: top prediction)."),
-    data: str = typer.Option(None, "--data", help="Data set for the ablation sweep (default: the built-in one)."),
+    data: str = typer.Option("prompts", "--data", help="What the ablations run on: prompts (built-in prompt set), "
+                             "builtin (built-in text), a .txt/.jsonl file or a literal text."),
     out: str = typer.Option("streamlens-out/report.html", "--out", help="The HTML file to write."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float64 or bfloat16."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
@@ -283,11 +284,13 @@ def report(
     started = time.perf_counter()
     try:
         from streamlens.model import load_model
-        from streamlens.report import check_out_path, standard_report
+        from streamlens.report import check_data, check_out_path, standard_report
 
         path = check_out_path(out)
+        check_data(data)
         loaded = load_model(model, dtype=dtype, device=device)
-        written = standard_report(loaded, prompt=prompt, target=target, data=data).write(path)
+        say = lambda line: typer.echo(f"[{time.perf_counter() - started:5.1f} s] {line}", err=True)  # noqa: E731
+        written = standard_report(loaded, prompt=prompt, target=target, data=data, log=say).write(path)
     except (ValueError, OSError) as error:
         fail(str(error))
     typer.echo(f"wrote {written} ({written.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")

@@ -1,8 +1,9 @@
 """One self-contained HTML report: the standard analyses of a model, composed into figures.
 
-`standard_report` runs the public API (record, decompose, logit lens, an ablation sweep) and hands
-each result to its figure function; `Report.to_html` writes one page with plotly.js embedded once, so
-it opens offline. No maths here: every number comes from a result object.
+`standard_report` runs the public API (record, decompose, logit lens; single and cumulative
+sublayer ablations, direct and total) and hands each result to its figure function;
+`Report.to_html` writes one page with plotly.js embedded once, so it opens offline. No maths here:
+every number comes from a result object.
 """
 
 from __future__ import annotations
@@ -10,16 +11,23 @@ from __future__ import annotations
 import html
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from streamlens.results import Provenance, command_line
+
 if TYPE_CHECKING:
     import plotly.graph_objects as go
+    import torch
 
+    from streamlens.data import TokenBatch
     from streamlens.model import Model
 
 DEFAULT_PROMPT = "The capital of France is"
+DEFAULT_DATA = "prompts"  # the built-in prompt/target set: short prompts keep the ablations quick
+ABLATION_METHOD = "mean"  # a write replaced by its mean stays on-distribution, unlike zero
 
 _CSS = """
 body { font-family: Inter, Helvetica, Arial, sans-serif; margin: 0 auto; max-width: 1200px; padding: 0 24px 48px;
@@ -91,11 +99,19 @@ def check_out_path(out: str | os.PathLike[str]) -> Path:
     return path
 
 
+def check_data(data: str | None) -> None:
+    """Read the ablation data source once, so a bad one fails before the model loads."""
+    from streamlens import data as D
+
+    D.load_prompts(data) if D.is_prompt_source(data) else D.load_texts(data)
+
+
 def standard_report(
     model: "Model",
     prompt: str = DEFAULT_PROMPT,
     target: str | None = None,
-    data: str | None = None,
+    data: str | None = DEFAULT_DATA,
+    log: Callable[[str], None] | None = None,
 ) -> Report:
     """Run the standard analyses on `model` and compose their figures.
 
@@ -103,26 +119,58 @@ def standard_report(
         model: a loaded `Model`.
         prompt: the prompt whose stream, decomposition and logit lens are shown.
         target: the next token to explain (e.g. " Paris"); None: the model's top prediction.
-        data: the data set for the ablation sweep (see `streamlens.data`); None: the default one.
+        data: what the ablations are measured on (any `streamlens.data` source: "prompts", the
+            built-in prompt set scored at each prompt's last token; "builtin" text; a file; a text).
+        log: called with a short line as each analysis starts (progress on the command line).
     """
+    from streamlens import data as D
+
+    started = time.perf_counter()
+    say = log or (lambda line: None)
+    # every input is checked before the first progress line, so bad input gives one line of error
+    tokens = model.to_tokens(prompt)
+    if target is not None:
+        model.token_id(target)
+    # text windows are kept short so the report stays a quick overview (`streamlens ablate` goes further)
+    batch = D.load_batch(model, data, window=32, max_windows=8)
+    say(f"decomposing {prompt!r}")
+    prompt_sections, explained = _prompt_sections(model, tokens, target)
+    ablation_sections, batch_description = _ablation_sections(model, batch, say)
+    provenance = Provenance.of(model, command_line())
+    info = model.info
+    facts = (
+        ("model", f"{info.name} ({info.architecture}; {info.n_layers} layers, {info.n_heads} heads, "
+                  f"d_model {info.d_model}, {info.norm} norm, {info.dtype} on {info.device})"),
+        ("weights sha256", info.weights_hash or "unknown"),
+        ("prompt", prompt),
+        ("explained", explained),
+        ("ablation data", batch_description),
+        ("command", provenance.command),
+        ("made", f"{provenance.created} with streamlens {provenance.versions.get('streamlens')}, "
+                 f"torch {provenance.versions.get('torch')}, in {time.perf_counter() - started:.0f} s"),
+    )
+    return Report(title=f"streamlens report: {info.name}", facts=facts,
+                  sections=(*prompt_sections, *ablation_sections))
+
+
+def _prompt_sections(model: "Model", tokens: "torch.Tensor", target: str | None) -> tuple[list[Section], str]:
+    """Decomposition, stream anatomy and logit lens of one prompt; also says what was explained."""
     from streamlens.decomposition import decompose, logit_lens
     from streamlens.plots import decomposition as decomposition_plots
     from streamlens.plots import lens as lens_plots
     from streamlens.plots import stream as stream_plots
     from streamlens.recording import record
 
-    started = time.perf_counter()
-    tokens = model.to_tokens(prompt)
-    if target is not None:
-        model.token_id(target)  # a bad target fails before any work
     writes = record(model, tokens, heads=True)
     parts = decompose(model, tokens, target=target, by_head=True, writes=writes)
     lens = logit_lens(model, tokens, target=target, writes=writes)
-    explained = parts.target_strings[0][0]
+    name = parts.target_strings[0][0]
     last = f"the last token {writes.token_strings[-1]!r}"
+    explained = (f"{name} after {len(writes.token_strings)} tokens {list(writes.token_strings)}: "
+                 f"logit {float(parts.logits[0, 0]):.4f}")
     sections = [
         Section("Waterfall: from the embedding to the logit", (
-            f"The logit of {html.escape(explained)} at {html.escape(last)}, built up write by write in stream order. "
+            f"The logit of {html.escape(name)} at {html.escape(last)}, built up write by write in stream order. "
             "Each bar starts where the previous one ended; the red <b>total</b> bar is the model's real logit, "
             f"on which the staircase lands (largest gap: {parts.error:.2g}). The final norm's scale is frozen "
             "at its clean value, which makes the split exact."), decomposition_plots.waterfall(parts)),
@@ -131,7 +179,7 @@ def standard_report(
             "(orange) stacked per layer; embeddings (grey) and the norm and unembedding biases (purple) at "
             "the ends. All bars sum to the real logit."), decomposition_plots.layer_bars(parts)),
         Section("Contribution of each attention head", (
-            f"Layer x head: the direct contribution of each head's write to the logit of {html.escape(explained)}. "
+            f"Layer x head: the direct contribution of each head's write to the logit of {html.escape(name)}. "
             "Red raises it, blue lowers it. Heads do not include the attention output bias, which is counted "
             "in the per-layer bars."), decomposition_plots.head_heatmap(parts)),
         Section("Norm of each write and of the stream", (
@@ -157,16 +205,40 @@ def standard_report(
             "KL(final || lens) in nats after each block, per position (grey) and their mean (red). It is "
             "zero after the last block by construction."), lens_plots.kl_to_final(lens)),
     ]
-    info = model.info
-    facts = (
-        ("model", f"{info.name} ({info.architecture}; {info.n_layers} layers, {info.n_heads} heads, "
-                  f"d_model {info.d_model}, {info.norm} norm, {info.dtype} on {info.device})"),
-        ("weights sha256", info.weights_hash or "unknown"),
-        ("prompt", f"{prompt!r} -> {len(writes.token_strings)} tokens {list(writes.token_strings)}"),
-        ("explained", f"{explained} at the last position (logit {float(parts.logits[0, 0]):.4f})"),
-        ("data (ablation)", data or "none"),
-        ("command", parts.provenance.command),
-        ("made", f"{parts.provenance.created} with streamlens {parts.provenance.versions.get('streamlens')}, "
-                 f"torch {parts.provenance.versions.get('torch')} in {time.perf_counter() - started:.1f} s"),
-    )
-    return Report(title=f"streamlens report: {info.name}", facts=facts, sections=tuple(sections))
+    return sections, explained
+
+
+def _ablation_sections(model: "Model", batch: "TokenBatch", say: Callable[[str], None]) -> tuple[list[Section], str]:
+    """Remove each attention and MLP sublayer, alone and one after another; direct vs total effect."""
+    from streamlens import ablation as A
+    from streamlens.plots import ablation as ablation_plots
+
+    sublayers = sorted(A.units(model, "attn") + A.units(model, "mlp"), key=lambda s: (s.layer, s.kind == "mlp"))
+    command = command_line()
+
+    def each(effect: str):
+        specs = [A.Ablation((site,), ABLATION_METHOD, effect) for site in sublayers]
+        return A.evaluate(model, batch, specs, batch_size=64, command=command)
+
+    say(f"ablating {len(sublayers)} sublayers on {batch.description}")
+    total, direct = each("total"), each("direct")
+    say(f"removing them one after another ({len(sublayers)} steps)")
+    order = [sublayers[index] for index in A.by_damage(total)]
+    curve = A.cumulative(model, batch, order, "order", ABLATION_METHOD, "total", batch_size=64, command=command)
+    metric = total.metrics[0]
+    what = (f"{ABLATION_METHOD}-ablation (the write is replaced by its mean over the data), measured on "
+            f"{html.escape(batch.description)} with 95% bootstrap intervals over texts")
+    sections = [
+        Section("Removing one sublayer: attention vs MLP", (
+            f"The damage ({metric.replace('_', ' ')}) when a single attention (blue) or MLP (orange) sublayer is "
+            f"removed and later layers run on: {what}."), ablation_plots.damage(total, metric)),
+        Section("Direct vs total effect of each sublayer", (
+            "Direct: only the write's own path to the logits is removed, later layers still see it. Total: the "
+            "write is removed inside the forward pass. Where total exceeds direct, later layers depended on the "
+            "write; where it is smaller, they repair its loss."), ablation_plots.direct_vs_total(direct, total, metric)),
+        Section("Removing sublayers one after another", (
+            "Sublayers removed together, least damaging first (ranked by the single-sublayer damage above): "
+            "how much of the model can go before the damage climbs. The band is the 95% interval."),
+            ablation_plots.cumulative_curve(curve, metric)),
+    ]
+    return sections, f"{batch.description}; {ABLATION_METHOD} ablation; {batch.n_scored} scored predictions"

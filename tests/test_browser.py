@@ -75,7 +75,8 @@ def empty_traces(plot: dict) -> int:
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_every_report_figure_renders(arch, tmp_path):
     model = load_model(str(tiny_model_folder(tmp_path / "model", arch=arch)), dtype="float64")
-    report = standard_report(model, prompt="w5 w17 w33 w8", target="w9")
+    text = " ".join(f"w{3 + (7 * i) % 61}" for i in range(70))  # ablations on two windows of 32 tokens
+    report = standard_report(model, prompt="w5 w17 w33 w8", target="w9", data=text)
     page = report.to_html()
     assert not re.search(r"<script[^>]+src=", page), "the report must not load scripts from anywhere"
 
