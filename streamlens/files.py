@@ -34,8 +34,15 @@ def write_atomic(path: str | os.PathLike[str], content: str | bytes) -> Path:
     try:
         with handle:
             handle.write(content)
+        os.chmod(handle.name, 0o666 & ~_umask())  # temporary files are private; outputs are not
         os.replace(handle.name, target)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -81,9 +81,7 @@ class Report:
         """Write the page atomically (a failure leaves no file)."""
         from streamlens.files import write_atomic
 
-        written = write_atomic(path, self.to_html())
-        written.chmod(0o644)  # the temporary file was private; a report is meant to be shared
-        return written
+        return write_atomic(path, self.to_html())
 
 
 def check_out_path(out: str | os.PathLike[str]) -> Path:
