@@ -115,6 +115,33 @@ def _ablate_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _damage_table(result, title: str):
+    """The most and least damaging units (up to five of each) with the first metric's 95% CI."""
+    from rich.table import Table
+
+    from streamlens.ablation import by_damage
+
+    short = {"loss_increase": "loss +", "kl": "KL", "top1_agreement": "top-1 agree", "target_logit_change":
+             "target logit", "target_prob_change": "target prob"}
+    order = by_damage(result)
+    table = Table(title=f"{title}; clean loss {float(result.clean_loss.mean()):.3f} nats; "
+                        f"95% CI over {result.n_texts} texts")
+    headers = ("", "unit", f"{short[result.metrics[0]]} [95% CI]", *(short[m] for m in result.metrics[1:]))
+    for index, column in enumerate(headers):
+        table.add_column(column, justify="right", no_wrap=index < 3)
+    shown = min(5, (len(order) + 1) // 2)  # few units: split them between the two groups
+    most = list(reversed(order[-shown:]))
+    least = [i for i in order[:shown] if i not in most]
+    for group, indices in (("most damaging", most), ("least damaging", least)):
+        for rank, index in enumerate(indices):
+            row = result.values[index]
+            low, high = float(result.ci_low[index, 0]), float(result.ci_high[index, 0])
+            table.add_row(group if rank == 0 else "", result.units[index],
+                          f"{float(row[0]):.3f} [{low:.3f}, {high:.3f}]", *(f"{float(v):.3f}" for v in row[1:]))
+        table.add_section()
+    return table
+
+
 @app.command()
 def ablate(
     model: str = typer.Option(None, "--model", help="'smollm2' (default), a .gguf file, an HF folder or name."),
@@ -169,7 +196,6 @@ def ablate(
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
     console = Console(stderr=True)
     try:
@@ -244,24 +270,7 @@ def ablate(
     except (ValueError, OSError) as error:
         fail(str(error))
 
-    order = A.by_damage(main_result, metric)
-    short = {"loss_increase": "loss +", "kl": "KL", "top1_agreement": "top-1 agree", "target_logit_change":
-             "target logit", "target_prob_change": "target prob"}
-    table = Table(title=f"Removing one {unit} at a time ({method}, {effects[-1]} effect); clean loss "
-                        f"{float(main_result.clean_loss.mean()):.3f} nats; 95% CI over {batch.n_texts} texts")
-    for index, column in enumerate(("", "unit", f"{short[metric]} [95% CI]", *(short[m] for m in main_result.metrics[1:]))):
-        table.add_column(column, justify="right", no_wrap=index < 3)
-    shown = min(5, (len(order) + 1) // 2)  # few units: split them between the two groups
-    most = list(reversed(order[-shown:]))
-    least = [i for i in order[:shown] if i not in most]
-    for group, indices in (("most damaging", most), ("least damaging", least)):
-        for rank, index in enumerate(indices):
-            row = main_result.values[index]
-            low, high = float(main_result.ci_low[index, 0]), float(main_result.ci_high[index, 0])
-            table.add_row(group if rank == 0 else "", main_result.units[index],
-                          f"{float(row[0]):.3f} [{low:.3f}, {high:.3f}]", *(f"{float(v):.3f}" for v in row[1:]))
-        table.add_section()
-    Console().print(table)
+    Console().print(_damage_table(main_result, f"Removing one {unit} at a time ({method}, {effects[-1]} effect)"))
     typer.echo(f"wrote {', '.join(files)} to {folder} in {seconds:.1f} s")
 
 

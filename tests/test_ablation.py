@@ -146,7 +146,7 @@ def reference_per_text(model, batch, spec, seed=0):
         logits = _reference_logits(model, tokens, spec, reps, clean) if spec.sites else clean_logits
         scored = batch.scored[i, : tokens.shape[1]]
         labels = batch.labels[i, : tokens.shape[1]][scored]
-        p, q = clean_logits[scored], logits[scored]
+        p, q = clean_logits[scored].double(), logits[scored].double()  # float32 models: exact metric maths
         values = [
             (F.cross_entropy(q, labels, reduction="none") - F.cross_entropy(p, labels, reduction="none")).mean(),
             F.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean(),
