@@ -351,3 +351,22 @@ def test_smollm2_fast_engine_matches_full_hooked_forwards(smol):
     for index, layer in enumerate(layers):
         expected = reference_per_text(smol, batch, A.Ablation((Site("block", layer),)))
         assert (result.per_text[index] - expected).abs().max() < 1e-4
+
+
+def test_figures_follow_the_result_for_any_number_of_units(tiny, windows):
+    from streamlens.plots import ablation as plots
+
+    total = A.sweep(tiny, windows, "head", n_boot=50)  # 3 layers x 4 heads
+    direct = A.sweep(tiny, windows, "head", effect="direct", n_boot=50)
+    figure = plots.damage(total, "kl")
+    trace = figure.data[0]
+    assert list(trace.x) == list(total.units) and len(trace.x) == tiny.n_layers * tiny.n_heads
+    assert min(trace.error_y.array) >= 0 and min(trace.error_y.arrayminus) >= 0
+    paired = plots.direct_vs_total(direct, total)
+    assert [t.name for t in paired.data] == ["direct effect", "total effect"]
+    with pytest.raises(ValueError, match="same units"):
+        plots.direct_vs_total(A.sweep(tiny, windows, "attn", effect="direct", n_boot=20), total)
+    with pytest.raises(ValueError, match="metric 'target_prob_change' not in this result"):
+        plots.damage(total, "target_prob_change")
+    curve = plots.cumulative_curve(A.cumulative(tiny, windows, A.units(tiny, "mlp"), n_boot=20))
+    assert list(curve.data[1].x) == [1, 2, 3]
