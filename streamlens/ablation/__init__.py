@@ -1,0 +1,42 @@
+"""Ablation: remove writes into the residual stream and measure what the model loses.
+
+Units are `sites.Site`s: "block L" (attention and MLP of layer L), "attn L", "mlp L", "head L.H"
+("L3H2"), or any set of them (`Ablation(sites=...)`).
+
+Methods (what takes the removed write's place; always computed from clean runs):
+- zero: nothing;
+- mean: the write's mean over the reference positions (every real position of the evaluated texts);
+- resample: the same write on another text: a fixed, seeded derangement of the texts gives each text
+  a donor, at the same position (for prompts, the donor's last position if the donor is shorter).
+A head is ablated through its `hook_z` (z = 0, mean z, donor z), which removes exactly its write
+z_h @ W_O[h]; the attention output bias b_O stays.
+
+Effects:
+- total: the write is replaced inside the forward and later layers react to it;
+- direct: only the write's own path to the logits is removed: later layers see the clean stream and
+  final stream = clean final stream - write + replacement, on which the model's final norm is
+  recomputed (not frozen) before the unembedding.
+
+Speed, with the numbers of one hooked full forward per unit (benchmarks/bench_ablation.py):
+one clean pass caches `resid_pre` of every layer (and the writes a method needs); each ablated
+forward restarts at its first ablated layer (`model.run(..., start_at_layer=L)` skips earlier
+blocks); a unit that removes a whole block L starts at L+1 from resid_pre L + replacements (block
+L's output is overwritten, so it is never computed); forwards stop at the final stream and
+`metrics.logit_stats` unembeds only the scored positions, in vocabulary chunks; direct effects need
+no forward at all; variants that restart at the same layer share one forward (`batch_size`).
+"""
+
+from streamlens.ablation.engine import by_damage, cumulative, cumulative_evaluations, evaluate, sweep
+from streamlens.ablation.spec import (
+    CUMULATIVE_MODES,
+    EFFECTS,
+    METHODS,
+    UNIT_KINDS,
+    Ablation,
+    ablated,
+    donor_rows,
+    units,
+)
+
+__all__ = ["CUMULATIVE_MODES", "EFFECTS", "METHODS", "UNIT_KINDS", "Ablation", "ablated", "by_damage",
+           "cumulative", "cumulative_evaluations", "donor_rows", "evaluate", "sweep", "units"]
