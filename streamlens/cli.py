@@ -387,7 +387,7 @@ def highway(
         html_text = hw.highway_report(toy, real, facts).to_html()
         for name, content in (("highway.csv", csv_text), ("highway.json", json.dumps(meta, indent=2) + "\n"),
                               ("highway.html", html_text)):
-            write_atomic(folder / name, content).chmod(0o644)  # temporary files are private; these are shared
+            write_atomic(folder / name, content)
     except (ValueError, OSError) as error:
         fail(str(error))
     at_init, trained = toy.first_to_last(0), toy.first_to_last(-1)
