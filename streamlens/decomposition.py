@@ -200,6 +200,7 @@ def logit_lens(
             [[model.decode(t) for t in row] for row in stage.tolist()] for stage in torch.stack(top_ids)
         ),
         target_ids=target_ids.cpu(),
+        target_strings=tuple(model.decode(t) for t in target_ids.tolist()),
         target_probs=torch.stack(target_probs).cpu(),
         target_ranks=torch.stack(target_ranks).cpu(),
         kl_to_final=torch.stack(kls).cpu(),

@@ -302,7 +302,7 @@ class LogitLens(Result):
     """The final norm and unembedding applied to the stream after the embeddings and every block.
 
     Shapes (stage = embeddings, then after each block; n_stages = n_layers + 1): top_ids, top_probs
-    [stage, pos, k]; target_ids [pos]; target_probs, target_ranks (0 = top), kl_to_final (nats,
+    [stage, pos, k]; target_ids [pos] (text in target_strings); target_probs, target_ranks (0 = top), kl_to_final (nats,
     KL(final || lens)) [stage, pos]. The last stage is the model's own output.
     """
 
@@ -314,6 +314,7 @@ class LogitLens(Result):
     top_probs: torch.Tensor
     top_strings: tuple[list[list[str]], ...]
     target_ids: torch.Tensor
+    target_strings: tuple[str, ...]
     target_probs: torch.Tensor
     target_ranks: torch.Tensor
     kl_to_final: torch.Tensor
@@ -329,6 +330,7 @@ class LogitLens(Result):
                         "position": position,
                         "token": token,
                         "target_id": int(self.target_ids[position]),
+                        "target": self.target_strings[position],
                         "target_prob": float(self.target_probs[stage, position]),
                         "target_rank": int(self.target_ranks[stage, position]),
                         "kl_to_final": float(self.kl_to_final[stage, position]),

@@ -107,3 +107,4 @@ def test_smollm2_paris_decomposition(smol):
     assert len(parts.labels) == 1 + 2 * 30 + 2
     lens = logit_lens(smol, "The capital of France is", target=" Paris")
     assert lens.target_ranks[-1, -1] == 0 and lens.target_ranks[0, -1] > 0
+    assert lens.target_strings[-1] == " Paris"

@@ -21,13 +21,8 @@ _MAX_POSITIONS_WITH_TEXT = 16
 
 
 def target_label(lens: LogitLens, position: int) -> str:
-    """The target token at `position` as text when the lens ever ranks it in its top-k, else its id."""
-    target = int(lens.target_ids[position])
-    hits = (lens.top_ids[:, position] == target).nonzero()
-    if len(hits):
-        stage, slot = (int(i) for i in hits[-1])
-        return repr(lens.top_strings[stage][position][slot])
-    return f"token id {target}"
+    """The target token at `position`, quoted so that spaces show."""
+    return repr(lens.target_strings[position])
 
 
 def _cell(token: str) -> str:
