@@ -78,23 +78,6 @@ def decompose(
 
 # ----- ablate (issue 4) --------------------------------------------------------------------------
 
-def _ablate_out_check(out: str) -> None:
-    """Fail early (before any work, creating nothing) when `out` cannot become a writable folder."""
-    import os
-    from pathlib import Path
-
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        fail(f"--out {folder} is a file, not a folder")
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        fail(f"--out {folder} cannot be created: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        fail(f"--out {folder} is not writable ({existing} does not allow writing)")
-
-
 def _ablate_ints(option: str, text: str | None) -> list[int] | None:
     """'0-5,9' -> [0, 1, 2, 3, 4, 5, 9]; None stays None (all)."""
     if text is None:
@@ -171,7 +154,6 @@ def ablate(
     out: str = typer.Option("streamlens-out", "--out", help="Folder for ablation.csv, ablation.json, ablation.html."),
 ) -> None:
     """Remove each block, sublayer or head in turn and measure the damage, with 95% bootstrap CIs."""
-    import json
     import time
     from pathlib import Path
 
@@ -188,7 +170,12 @@ def ablate(
                                  ("--threads", 1 if threads is None else threads, 1)):
         if value < least:
             fail(f"{option} {value} must be at least {least}")
-    _ablate_out_check(out)
+    try:
+        from streamlens.files import check_out_dir
+
+        check_out_dir(out)
+    except ValueError as error:
+        fail(str(error))
     if threads:
         import torch
 
@@ -202,13 +189,9 @@ def ablate(
         from streamlens import data as D
         from streamlens.files import prepare_out_dir, write_atomic
         from streamlens.model import load_model
-        from streamlens.plots import ablation as plots
         from streamlens.results import command_line
 
-        if D.is_prompt_source(data):
-            D.load_prompts(data)  # a bad file fails before the model loads
-        else:
-            D.load_texts(data)
+        D.check_source(data)
         loaded = load_model(model, dtype=dtype, device=device)
         batch = D.load_batch(loaded, data, window=window, max_windows=max_windows, positions=positions)
         sites_list = A.units(loaded, unit, layer_list, head_list)
@@ -233,42 +216,20 @@ def ablate(
     except (ValueError, OSError) as error:
         fail(str(error))
 
-    metric = main_result.metrics[0]
-    frame = __import__("pandas").concat([results[name].to_dataframe() for name in effects], ignore_index=True)
-    figures = [plots.damage(results[name], metric) for name in effects[::-1]]
-    if len(effects) == 2:
-        figures.append(plots.direct_vs_total(results["direct"], results["total"], metric))
-    if curve is not None:
-        figures.append(plots.cumulative_curve(curve, metric))
-    info, provenance = loaded.info, main_result.provenance
-    seconds = time.perf_counter() - started
-    metadata = {
-        "command": command, "model": info.name, "architecture": info.architecture, "weights_hash": info.weights_hash,
-        "dtype": info.dtype, "device": info.device, "data": batch.description, "n_texts": batch.n_texts,
-        "n_tokens": int(batch.valid.sum()), "n_predictions": batch.n_scored, "unit": unit, "method": method,
-        "effect": effect, "metrics": list(main_result.metrics), "cumulative": cumulative, "positions": positions,
-        "layers": layers or "all", "heads": heads or ("all" if unit == "head" else None), "window": window,
-        "max_windows": max_windows, "batch_size": batch_size, "bootstrap": {"replicates": n_boot, "level": 0.95,
-        "resampling_unit": "text (window or prompt)"}, "seed": seed, "versions": provenance.versions,
-        "created": provenance.created, "seconds": round(seconds, 2), "threads": __import__("torch").get_num_threads(),
-        "clean_loss": float(main_result.clean_loss.mean()),
-        "cumulative_order": None if curve is None else list(curve.units),
-    }
-    facts = [("model", f"{info.name} ({info.n_layers} layers, {info.dtype} on {info.device})"),
-             ("weights sha256", info.weights_hash), ("data", batch.description),
-             ("ablation", f"{unit} units, {method}, {effect} effect"), ("command", command),
-             ("made", f"{provenance.created}, {seconds:.1f} s")]
-    title = f"streamlens ablate: {info.name}"
+    settings = {"command": command, "unit": unit, "method": method, "effect": effect, "cumulative": cumulative,
+                "positions": positions, "layers": layers or "all", "heads": heads or ("all" if unit == "head" else None),
+                "window": window, "max_windows": max_windows, "batch_size": batch_size, "bootstrap": n_boot,
+                "seed": seed}
     try:
+        from streamlens.ablation.outputs import ablation_files
+
+        files = ablation_files(results, curve, batch, loaded, settings, time.perf_counter() - started)
         folder = prepare_out_dir(out)
-        files = {"ablation.csv": frame.to_csv(index=False), "ablation.json": json.dumps(metadata, indent=2),
-                 "ablation.html": plots.page(title, figures, facts)}
-        if curve is not None:
-            files["ablation_cumulative.csv"] = curve.to_dataframe().to_csv(index=False)
         for name, content in files.items():
             write_atomic(Path(folder) / name, content)
     except (ValueError, OSError) as error:
         fail(str(error))
+    seconds = time.perf_counter() - started
 
     Console().print(_damage_table(main_result, f"Removing one {unit} at a time ({method}, {effects[-1]} effect)"))
     typer.echo(f"wrote {', '.join(files)} to {folder} in {seconds:.1f} s")
@@ -293,10 +254,11 @@ def report(
     started = time.perf_counter()
     try:
         from streamlens.model import load_model
-        from streamlens.report import check_data, check_out_path, standard_report
+        from streamlens.data import check_source
+        from streamlens.report import check_out_path, standard_report
 
         path = check_out_path(out)
-        check_data(data)
+        check_source(data)
         loaded = load_model(model, dtype=dtype, device=device)
         say = lambda line: typer.echo(f"[{time.perf_counter() - started:5.1f} s] {line}", err=True)  # noqa: E731
         written = standard_report(loaded, prompt=prompt, target=target, data=data, log=say).write(path)

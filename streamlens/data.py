@@ -115,6 +115,14 @@ def is_prompt_source(source: str | None) -> bool:
     return False
 
 
+def check_source(source: str | None) -> None:
+    """Read a text or prompt source once, so that a bad one fails before the model loads."""
+    if is_prompt_source(source):
+        load_prompts(source)
+    else:
+        load_texts(source)
+
+
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"

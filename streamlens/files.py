@@ -25,6 +25,21 @@ def prepare_out_dir(out: str | os.PathLike[str]) -> Path:
     return folder
 
 
+def check_out_dir(out: str | os.PathLike[str]) -> Path:
+    """Check, creating nothing, that `out` is or can become a writable folder (fail before any work)."""
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"--out {folder} is a file, not a folder")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"--out {folder} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {folder} is not writable ({existing} does not allow writing)")
+    return folder
+
+
 def write_atomic(path: str | os.PathLike[str], content: str | bytes) -> Path:
     """Write `content` to a temporary file beside `path`, then rename it into place."""
     target = Path(path)

@@ -97,13 +97,6 @@ def check_out_path(out: str | os.PathLike[str]) -> Path:
     return path
 
 
-def check_data(data: str | None) -> None:
-    """Read the ablation data source once, so a bad one fails before the model loads."""
-    from streamlens import data as D
-
-    D.load_prompts(data) if D.is_prompt_source(data) else D.load_texts(data)
-
-
 def standard_report(
     model: "Model",
     prompt: str = DEFAULT_PROMPT,

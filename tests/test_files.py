@@ -32,3 +32,14 @@ def test_prepare_out_dir_names_the_folder(tmp_path):
     with pytest.raises(OutputError, match=f"--out {afile} is a file, not a folder"):
         prepare_out_dir(afile)
     assert prepare_out_dir(tmp_path / "new" / "deeper").is_dir()
+
+
+def test_check_out_dir_creates_nothing(tmp_path):
+    from streamlens.files import check_out_dir
+
+    assert check_out_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert not (tmp_path / "a").exists()
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(OutputError, match="cannot be created: .* is a file, not a folder"):
+        check_out_dir(afile / "sub")

@@ -1,0 +1,73 @@
+"""What `streamlens ablate` writes: the tidy CSV, the JSON of metadata and the offline HTML page.
+
+Built only from results and settings (no model runs), so the CLI just writes the returned texts.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from streamlens.data import TokenBatch
+from streamlens.model import Model
+from streamlens.plots import ablation as plots
+from streamlens.results import AblationResult, CumulativeAblation
+
+
+def ablation_files(
+    results: dict[str, AblationResult],
+    curve: CumulativeAblation | None,
+    batch: TokenBatch,
+    model: Model,
+    settings: dict[str, Any],
+    seconds: float,
+) -> dict[str, str]:
+    """File name -> content for ablation.csv, ablation.json, ablation.html (+ ablation_cumulative.csv).
+
+    Args:
+        results: one sweep per effect ("total" and/or "direct"); the last one is the main result.
+        curve: the cumulative-removal result, if one was run.
+        settings: the command line's choices (unit, method, effect, seed, ...), stored in the JSON.
+        seconds: time taken so far.
+    """
+    import pandas as pd
+
+    effects = list(results)
+    main = results[effects[-1]]
+    metric = main.metrics[0]
+    figures = [plots.damage(results[name], metric) for name in effects[::-1]]
+    if len(effects) == 2:
+        figures.append(plots.direct_vs_total(results["direct"], results["total"], metric))
+    if curve is not None:
+        figures.append(plots.cumulative_curve(curve, metric))
+    info, provenance = model.info, main.provenance
+    metadata = {
+        **settings,
+        "model": info.name, "architecture": info.architecture, "weights_hash": info.weights_hash,
+        "dtype": info.dtype, "device": info.device, "data": batch.description, "n_texts": batch.n_texts,
+        "n_tokens": int(batch.valid.sum()), "n_predictions": batch.n_scored, "metrics": list(main.metrics),
+        "bootstrap": {"replicates": settings.get("bootstrap"), "level": 0.95,
+                      "resampling_unit": "text (window or prompt)"},
+        "versions": provenance.versions, "created": provenance.created, "seconds": round(seconds, 2),
+        "threads": _threads(), "clean_loss": float(main.clean_loss.mean()),
+        "cumulative_order": None if curve is None else list(curve.units),
+    }
+    facts = [("model", f"{info.name} ({info.n_layers} layers, {info.dtype} on {info.device})"),
+             ("weights sha256", info.weights_hash), ("data", batch.description),
+             ("ablation", f"{settings.get('unit')} units, {settings.get('method')}, {settings.get('effect')} effect"),
+             ("command", str(settings.get("command"))), ("made", f"{provenance.created}, {seconds:.1f} s")]
+    files = {
+        "ablation.csv": pd.concat([results[name].to_dataframe() for name in effects], ignore_index=True)
+        .to_csv(index=False),
+        "ablation.json": json.dumps(metadata, indent=2),
+        "ablation.html": plots.page(f"streamlens ablate: {info.name}", figures, facts),
+    }
+    if curve is not None:
+        files["ablation_cumulative.csv"] = curve.to_dataframe().to_csv(index=False)
+    return files
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
