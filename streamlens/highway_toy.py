@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
-from streamlens.results import Provenance, Result, _version, command_line, frame
+from streamlens.results import Provenance, Result, command_line, frame, package_version
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -309,7 +309,7 @@ def toy_highway(
                 stack = make_stack(config, depth, kind)
                 loss[k, d], grad_norm[k, d, :, :depth], final_loss[k, d] = train_stack(stack, x, y, config, tick)
         zero_error, zero_grad_error = zero_branch_check(config)
-    versions = {p: _version(p) for p in ("streamlens", "torch")}
+    versions = {p: package_version(p) for p in ("streamlens", "torch")}
     provenance = Provenance(model="toy MLP stacks", weights_hash="", dtype="float64", device="cpu",
                             command=command or command_line(), seed=config.seed, versions=versions,
                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
