@@ -11,6 +11,7 @@ from typing import Any
 from streamlens.data import TokenBatch
 from streamlens.model import Model
 from streamlens.plots import ablation as plots
+from streamlens.report import Report, Section
 from streamlens.results import AblationResult, CumulativeAblation
 
 
@@ -35,11 +36,19 @@ def ablation_files(
     effects = list(results)
     main = results[effects[-1]]
     metric = main.metrics[0]
-    figures = [plots.damage(results[name], metric) for name in effects[::-1]]
+    ci = "error bars: 95% bootstrap intervals over texts (windows or prompts)"
+    sections = [Section(f"Damage of removing each unit ({name} effect)",
+                        f"{metric} when one unit is removed with {settings.get('method')}; {ci}.",
+                        plots.damage(results[name], metric)) for name in effects[::-1]]
     if len(effects) == 2:
-        figures.append(plots.direct_vs_total(results["direct"], results["total"], metric))
+        sections.append(Section("Direct vs total effect",
+                                "Direct: only the write's own path to the logits is removed; total: later "
+                                f"layers react too; {ci}.",
+                                plots.direct_vs_total(results["direct"], results["total"], metric)))
     if curve is not None:
-        figures.append(plots.cumulative_curve(curve, metric))
+        sections.append(Section("Removing units one after another",
+                                f"{metric} after each cumulative removal, in the order shown; {ci}.",
+                                plots.cumulative_curve(curve, metric)))
     info, provenance = model.info, main.provenance
     metadata = {
         **settings,
@@ -52,15 +61,15 @@ def ablation_files(
         "threads": _threads(), "clean_loss": float(main.clean_loss.mean()),
         "cumulative_order": None if curve is None else list(curve.units),
     }
-    facts = [("model", f"{info.name} ({info.n_layers} layers, {info.dtype} on {info.device})"),
+    facts = (("model", f"{info.name} ({info.n_layers} layers, {info.dtype} on {info.device})"),
              ("weights sha256", info.weights_hash), ("data", batch.description),
              ("ablation", f"{settings.get('unit')} units, {settings.get('method')}, {settings.get('effect')} effect"),
-             ("command", str(settings.get("command"))), ("made", f"{provenance.created}, {seconds:.1f} s")]
+             ("command", str(settings.get("command"))), ("made", f"{provenance.created}, {seconds:.1f} s"))
     files = {
         "ablation.csv": pd.concat([results[name].to_dataframe() for name in effects], ignore_index=True)
         .to_csv(index=False),
         "ablation.json": json.dumps(metadata, indent=2),
-        "ablation.html": plots.page(f"streamlens ablate: {info.name}", figures, facts),
+        "ablation.html": Report(f"streamlens ablate: {info.name}", facts, tuple(sections)).to_html(),
     }
     if curve is not None:
         files["ablation_cumulative.csv"] = curve.to_dataframe().to_csv(index=False)

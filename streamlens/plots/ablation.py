@@ -101,16 +101,3 @@ def direct_vs_total(direct: AblationResult, total: AblationResult, metric: str =
     fig = finish(fig, title, "unit removed", _axis(metric))
     fig.update_xaxes(type="category", tickangle=-60 if len(direct.units) > 12 else 0)
     return fig
-
-
-def page(title: str, figures: list[go.Figure], facts: list[tuple[str, str]]) -> str:
-    """One self-contained HTML page (plotly.js embedded once, opens offline): facts, then figures."""
-    import html
-
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts)
-    parts = [fig.to_html(full_html=False, include_plotlyjs=(index == 0), default_height="520px")
-             for index, fig in enumerate(figures)]
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            "<style>body{font-family:Inter,Helvetica,Arial,sans-serif;margin:24px;max-width:1200px}"
-            "th{text-align:left;padding-right:16px;color:#555}td{font-family:monospace}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><table>{rows}</table>{''.join(parts)}</body></html>")
