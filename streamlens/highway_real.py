@@ -64,35 +64,10 @@ def condition_label(removed: Sequence[int], n_layers: int) -> str:
     return "no skip: all" if len(removed) == n_layers else "no skip: " + ",".join(map(str, removed))
 
 
-# Used only when `streamlens.data` (the project's built-in texts) is not available.
-_FALLBACK_TEXT = (
-    "The lighthouse keeper climbed the stairs every evening to light the lamp. Ships passed the rocks "
-    "safely because the beam swept across the water all night. In the morning he wrote the weather in a "
-    "small book: wind from the west, light rain, a calm sea by noon. Bread is made from flour, water, salt "
-    "and yeast. The dough rises slowly in a warm kitchen, and the baker shapes it into loaves before "
-    "dawn. def mean(values):\n    return sum(values) / len(values)\n\nprint(mean([1, 2, 3, 4]))\n"
-    "The town council met on Tuesday to discuss the new bicycle lanes, the budget for the library and "
-    "the repair of the old bridge over the river."
-)
-
-
 def highway_tokens(model: Model, window: int = 64, n_windows: int = 4) -> tuple[torch.Tensor, str]:
-    """A small batch of text: token ids [n_windows, window] from the built-in texts, and a description.
+    """A small batch of text: token ids [n_windows, window] from the built-in texts, and a description."""
+    from streamlens.data import load_texts, token_windows
 
-    Uses `streamlens.data` (the project's built-in texts) when it is installed, else a short text of
-    this module (then fewer windows may come back).
-    """
-    try:
-        from streamlens.data import load_texts, token_windows
-    except ImportError:
-        if window < 2 or n_windows < 1:
-            raise ValueError(f"window {window} / n_windows {n_windows}: need window >= 2 and n_windows >= 1") from None
-        ids = model.tokenizer(_FALLBACK_TEXT).input_ids
-        windows = [ids[start : start + window] for start in range(0, len(ids) - window + 1, window)][:n_windows]
-        if not windows:
-            raise ValueError(f"window {window} is longer than the fallback text ({len(ids)} tokens)") from None
-        tokens = model.check_tokens(torch.tensor(windows, dtype=torch.long, device=model.device))
-        return tokens, f"fallback text ({tokens.shape[0]} windows of {window} tokens)"
     tokens = token_windows(model, load_texts(None), window, n_windows)
     return tokens, f"builtin texts ({tokens.shape[0]} windows of {tokens.shape[1]} tokens)"
 
