@@ -79,6 +79,13 @@ class Site:
             return (attn_out(self.layer), mlp_out(self.layer))
         return (attn_z(self.layer),)
 
+    @property
+    def hook_name(self) -> str:
+        """The one hook point of a single write (not a block, which is two writes)."""
+        if self.kind == "block":
+            raise ValueError(f"{self.label!r} is two writes ({', '.join(self.hook_names)}), not one")
+        return self.hook_names[0]
+
     @staticmethod
     def parse(text: str) -> "Site":
         """Parse 'embed', 'attn 3', 'mlp 3', 'block 3', 'L3H2' (the inverse of `label`)."""

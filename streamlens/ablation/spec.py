@@ -104,14 +104,6 @@ def donor_rows(n_texts: int, seed: int = 0) -> torch.Tensor:
 
 
 # ----- hooks ------------------------------------------------------------------------------------
-def _hook_name(write: Site) -> str:
-    if write.kind == "attn":
-        return sites.attn_out(write.layer)
-    if write.kind == "mlp":
-        return sites.mlp_out(write.layer)
-    return sites.attn_z(write.layer)
-
-
 def _part(write: Site, tensor: torch.Tensor) -> torch.Tensor:
     """The write inside a captured tensor: [n, pos, d_model], or one head's z [n, pos, d_head]."""
     return tensor[:, :, write.head] if write.kind == "head" else tensor
@@ -125,7 +117,7 @@ def _replacing_hooks(variants: Sequence[dict[Site, torch.Tensor]], n_texts: int 
         rows = slice(None) if n_texts is None else slice(index * n_texts, (index + 1) * n_texts)
         for write, replacement in replacements.items():
             if write.layer >= from_layer:
-                entries.setdefault(_hook_name(write), []).append((rows, write, replacement))
+                entries.setdefault(write.hook_name, []).append((rows, write, replacement))
 
     def make(items):
         def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -220,7 +212,7 @@ def _direct_hooks(model: Model, replacements: dict[Site, torch.Tensor]) -> list:
             stream = stream - _as_write(model, write, captured[write]) + _as_write(model, write, replacement)
         return stream
 
-    return [*((_hook_name(w), keep(w)) for w in replacements), (sites.FINAL_STREAM, patch)]
+    return [*((w.hook_name, keep(w)) for w in replacements), (sites.FINAL_STREAM, patch)]
 
 
 def _as_write(model: Model, write: Site, value: torch.Tensor) -> torch.Tensor:
@@ -243,10 +235,10 @@ def _capture(model: Model, tokens: torch.Tensor, writes: Sequence[Site], resid_l
 
         return hook
 
-    names = sorted({_hook_name(w) for w in writes} | {sites.resid_pre(layer) for layer in resid_layers})
+    names = sorted({w.hook_name for w in writes} | {sites.resid_pre(layer) for layer in resid_layers})
     final = _run_to_final_stream(model, tokens, [(name, keep(name)) for name in names], None)
     resid = {layer: kept[sites.resid_pre(layer)] for layer in resid_layers}
-    return resid, {w: _part(w, kept[_hook_name(w)]) for w in writes}, final
+    return resid, {w: _part(w, kept[w.hook_name]) for w in writes}, final
 
 
 def _means(model: Model, batch: TokenBatch, writes: Sequence[Site], batch_size: int) -> dict[Site, torch.Tensor]:
