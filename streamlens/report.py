@@ -79,21 +79,22 @@ class Report:
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write the page atomically (a failure leaves no file)."""
-        from streamlens.files import write_atomic
+        from streamlens.files import prepare_out_dir, write_atomic
 
+        prepare_out_dir(Path(path).parent)
         return write_atomic(path, self.to_html())
 
 
 def check_out_path(out: str | os.PathLike[str]) -> Path:
     """Validate the report's output path before any work: an .html file in a writable folder."""
-    from streamlens.files import prepare_out_dir
+    from streamlens.files import check_out_dir
 
     path = Path(out)
     if path.is_dir():
         raise ValueError(f"--out {path} is a folder: give a file path ending in .html")
     if path.suffix.lower() not in (".html", ".htm"):
         raise ValueError(f"--out {path}: the report is one HTML file, give a path ending in .html")
-    prepare_out_dir(path.parent if str(path.parent) else ".")
+    check_out_dir(path.parent)  # creates nothing: bad input later must leave no folder behind
     return path
 
 

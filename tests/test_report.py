@@ -82,7 +82,7 @@ def test_bad_out_exits_2_and_writes_nothing(folder, tmp_path, make_out, message)
     (["--data", "w3 w4 w5"], "window 32 is longer than every text"),
 ])
 def test_bad_input_exits_2_and_leaves_no_file(folder, tmp_path, args, message):
-    out = tmp_path / "report.html"
+    out = tmp_path / "new" / "report.html"  # its folder must not be created either
     result = run("--model", folder, "--prompt", PROMPT, "--data", TEXT, *args, "--out", out)
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1
