@@ -170,17 +170,13 @@ def ablate(
                                  ("--threads", 1 if threads is None else threads, 1)):
         if value < least:
             fail(f"{option} {value} must be at least {least}")
+    options = A.EvalOptions(metrics=metric_list, seed=seed, batch_size=batch_size, n_boot=n_boot, threads=threads)
     try:
         from streamlens.files import check_out_dir
 
         check_out_dir(out)
     except ValueError as error:
         fail(str(error))
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -196,7 +192,6 @@ def ablate(
         batch = D.load_batch(loaded, data, window=window, max_windows=max_windows, positions=positions)
         sites_list = A.units(loaded, unit, layer_list, head_list)
         command = command_line()
-        options = dict(metrics=metric_list, seed=seed, batch_size=batch_size, n_boot=n_boot, command=command)
         n_chunks = -(-batch.n_texts // min(batch_size, batch.n_texts))
         total = len(effects) * len(sites_list) * n_chunks
         if cumulative != "none":
@@ -205,14 +200,14 @@ def ablate(
         with Progress(*columns, console=console, transient=True) as bar:
             task = bar.add_task(f"ablating {len(sites_list)} {unit} units", total=total)
             advance = lambda n: bar.advance(task, n)  # noqa: E731
-            results = {name: A.sweep(loaded, batch, unit, method, name, layer_list, head_list, progress=advance,
-                                     **options) for name in effects}
+            results = {name: A.sweep(loaded, batch, unit, method, name, layer_list, head_list, options,
+                                     progress=advance, command=command) for name in effects}
             main_result = results[effects[-1]]
             curve = None
             if cumulative != "none":
                 ranked = [sites_list[i] for i in A.by_damage(main_result)]
-                curve = A.cumulative(loaded, batch, ranked, cumulative, method, effects[-1], progress=advance,
-                                     **options)
+                curve = A.cumulative(loaded, batch, ranked, cumulative, method, effects[-1], options,
+                                     progress=advance, command=command)
     except (ValueError, OSError) as error:
         fail(str(error))
 
@@ -221,7 +216,7 @@ def ablate(
                 "window": window, "max_windows": max_windows, "batch_size": batch_size, "bootstrap": n_boot,
                 "seed": seed}
     try:
-        from streamlens.ablation.outputs import ablation_files
+        from streamlens.pages.ablation import ablation_files
 
         files = ablation_files(results, curve, batch, loaded, settings, time.perf_counter() - started)
         folder = prepare_out_dir(out)
@@ -255,7 +250,8 @@ def report(
     try:
         from streamlens.model import load_model
         from streamlens.data import check_source
-        from streamlens.report import check_out_path, standard_report
+        from streamlens.pages.html import check_out_path
+        from streamlens.pages.report import standard_report
 
         path = check_out_path(out)
         check_source(data)
@@ -294,6 +290,7 @@ def highway(
     started = time.perf_counter()
     try:
         from streamlens import highway as hw
+        from streamlens.pages import highway as pages
         from streamlens.files import prepare_out_dir, write_atomic
         from streamlens.results import command_line
 
@@ -343,10 +340,10 @@ def highway(
              **{key: str(value) for key, value in settings.items() if key != "weights_hash"}}
     meta = {"command": command, "seed": seed, "settings": settings,
             "versions": (real or toy).provenance.versions, "seconds": {"total": seconds, "toy": toy.seconds},
-            "summary": hw.summary(toy, real)}
+            "summary": pages.summary(toy, real)}
     try:
-        csv_text = hw.tidy(toy, real).to_csv(index=False)
-        html_text = hw.highway_report(toy, real, facts).to_html()
+        csv_text = pages.tidy(toy, real).to_csv(index=False)
+        html_text = pages.highway_report(toy, real, facts).to_html()
         for name, content in (("highway.csv", csv_text), ("highway.json", json.dumps(meta, indent=2) + "\n"),
                               ("highway.html", html_text)):
             write_atomic(folder / name, content)

@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from streamlens.model import load_model
-from streamlens.report import standard_report
+from streamlens.pages.report import standard_report
 from streamlens.testing import tiny_model_folder
 
 CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrome")
@@ -94,7 +94,7 @@ def test_the_check_catches_a_broken_figure(tmp_path):
     """The check is not vacuous: an empty trace and a JS error are both reported."""
     import plotly.graph_objects as go
 
-    from streamlens.report import Report, Section
+    from streamlens.pages.html import Report, Section
 
     broken = go.Figure([go.Bar(x=[], y=[], name="empty"), go.Bar(x=["a"], y=[1.0], name="full")])
     page = Report("broken", (), (Section("broken", "", broken),)).to_html()

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from streamlens import highway as hw
 from streamlens import sites
 from streamlens.cli import app
-from streamlens.highway_toy import Block
+from streamlens.highway.toy import Block
 
 SMALL = dict(depths=(2, 3), steps=3, width=8, n_train=64, batch=16, d_in=4)
 

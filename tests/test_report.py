@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from streamlens.cli import app
 from streamlens.model import load_model
-from streamlens.report import standard_report
+from streamlens.pages.report import standard_report
 from streamlens.testing import tiny_model_folder
 
 PROMPT = "w5 w17 w33 w8 w40"

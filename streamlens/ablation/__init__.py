@@ -19,24 +19,22 @@ Effects:
 
 Speed, with the numbers of one hooked full forward per unit (benchmarks/bench_ablation.py):
 one clean pass caches `resid_pre` of every layer (and the writes a method needs); each ablated
-forward restarts at its first ablated layer (`model.run(..., start_at_layer=L)` skips earlier
+forward restarts at its first ablated layer (`model.run_to(..., start_at_layer=L)` skips earlier
 blocks); a unit that removes a whole block L starts at L+1 from resid_pre L + replacements (block
 L's output is overwritten, so it is never computed); forwards stop at the final stream and
 `metrics.logit_stats` unembeds only the scored positions, in vocabulary chunks; direct effects need
 no forward at all; variants that restart at the same layer share one forward (`batch_size`).
+
+Modules, each importing only those before it: `spec` (what an ablation is), `options`
+(`EvalOptions`), `replace` (the zero | mean | resample switch and the clean captures it needs),
+`apply` (hooks and the `ablated` context manager), `engine` (fast evaluation, sweeps).
 """
 
+from streamlens.ablation.apply import ablated
 from streamlens.ablation.engine import by_damage, cumulative, cumulative_evaluations, evaluate, sweep
-from streamlens.ablation.spec import (
-    CUMULATIVE_MODES,
-    EFFECTS,
-    METHODS,
-    UNIT_KINDS,
-    Ablation,
-    ablated,
-    donor_rows,
-    units,
-)
+from streamlens.ablation.options import EvalOptions
+from streamlens.ablation.replace import donor_rows
+from streamlens.ablation.spec import CUMULATIVE_MODES, EFFECTS, METHODS, UNIT_KINDS, Ablation, units
 
-__all__ = ["CUMULATIVE_MODES", "EFFECTS", "METHODS", "UNIT_KINDS", "Ablation", "ablated", "by_damage",
+__all__ = ["CUMULATIVE_MODES", "EFFECTS", "METHODS", "UNIT_KINDS", "Ablation", "EvalOptions", "ablated", "by_damage",
            "cumulative", "cumulative_evaluations", "donor_rows", "evaluate", "sweep", "units"]

@@ -14,26 +14,15 @@ import einops
 import torch
 
 from streamlens import metrics as M
+from streamlens import sites
+from streamlens.ablation import replace as R
+from streamlens.ablation.apply import replacing_hooks
+from streamlens.ablation.options import EvalOptions
+from streamlens.ablation.spec import CUMULATIVE_MODES, METHODS, Ablation, Progress, stream_order, units
 from streamlens.data import TokenBatch
 from streamlens.model import Model
 from streamlens.results import AblationResult, CumulativeAblation, Provenance, command_line
 from streamlens.sites import Site
-
-from streamlens.ablation.spec import (
-    CUMULATIVE_MODES,
-    METHODS,
-    Ablation,
-    Progress,
-    _as_write,
-    _capture,
-    _donor_writes,
-    _means,
-    _replacing_hooks,
-    _run_to_final_stream,
-    _stream_order,
-    donor_rows,
-    units,
-)
 
 # ----- the engine -------------------------------------------------------------------------------
 @dataclass
@@ -75,12 +64,12 @@ class _Engine:
         for spec in specs:
             spec.check(self.model)
         out = torch.zeros(len(specs), len(self.names), self.batch.n_texts, dtype=torch.float64)
-        by_method = {m: sorted({w for s in specs if s.method == m for w in s.writes}, key=_stream_order)
+        by_method = {m: sorted({w for s in specs if s.method == m for w in s.writes}, key=stream_order)
                      for m in METHODS}
         if by_method["mean"]:
             missing = [w for w in by_method["mean"] if w not in self._means]
             if missing:
-                self._means.update(_means(self.model, self.batch, missing, self.chunk))
+                self._means.update(R.means(self.model, self.batch, missing, self.chunk))
         keep_writes = frozenset(w for s in specs if s.effect == "direct" for w in s.writes)
         with torch.inference_mode():
             for rows in self.chunks:
@@ -98,7 +87,7 @@ class _Engine:
             if index == rows.start and writes <= have and donor_writes <= have_donors:
                 return clean
         batch = self.batch.rows(rows)
-        resid, captured, final = _capture(self.model, batch.tokens, sorted(writes, key=_stream_order),
+        resid, captured, final = R.capture(self.model, batch.tokens, sorted(writes, key=stream_order),
                                           range(self.model.n_layers))
         text_index, position = batch.scored.nonzero(as_tuple=True)
         labels = batch.labels[text_index, position]
@@ -109,8 +98,8 @@ class _Engine:
         loss = stats.logsumexp - stats.label_logit
         self.clean_loss[rows] = M.per_text_means(loss, text_index, batch.n_texts).cpu()
         if donor_writes:
-            clean.donor_writes = _donor_writes(self.model, self.batch, rows, sorted(donor_writes, key=_stream_order),
-                                               donor_rows(self.batch.n_texts, self.seed))
+            clean.donor_writes = R.donor_writes(self.model, self.batch, rows, sorted(donor_writes, key=stream_order),
+                                                R.donor_rows(self.batch.n_texts, self.seed))
         if len(self.chunks) == 1:  # one chunk: keep it for later calls (greedy sweeps)
             self._cached = (rows.start, writes, donor_writes, clean)
         return clean
@@ -124,16 +113,9 @@ class _Engine:
         size = self.variants_per_forward
         return [indices[i : i + size] for indices in keyed.values() for i in range(0, len(indices), size)]
 
-    def _replacements(self, clean: _Clean, spec: Ablation) -> dict[Site, torch.Tensor]:
-        if spec.method == "zero":
-            zero = torch.zeros((), dtype=self.model.dtype, device=self.model.device)
-            return {w: zero for w in spec.writes}
-        if spec.method == "mean":
-            return {w: self._means[w] for w in spec.writes}
-        return {w: clean.donor_writes[w] for w in spec.writes}
-
     def _evaluate(self, clean: _Clean, rows: slice, specs: list[Ablation]) -> torch.Tensor:
-        replacements = [self._replacements(clean, spec) for spec in specs]
+        replacements = [R.replacements(self.model, spec.method, spec.writes, self._means, clean.donor_writes)
+                        for spec in specs]
         if specs[0].effect == "direct" or not specs[0].sites:
             finals = torch.stack([self._direct_final(clean, reps) for reps in replacements])
         else:
@@ -143,8 +125,8 @@ class _Engine:
     def _direct_final(self, clean: _Clean, replacements: dict[Site, torch.Tensor]) -> torch.Tensor:
         final = clean.final
         for write, replacement in replacements.items():
-            removed = _as_write(self.model, write, clean.writes[write])
-            final = final - removed + _as_write(self.model, write, replacement)
+            removed = R.as_write(self.model, write, clean.writes[write])
+            final = final - removed + R.as_write(self.model, write, replacement)
         return final
 
     def _total_finals(self, clean: _Clean, first: Ablation, replacements: list[dict]) -> torch.Tensor:
@@ -158,8 +140,8 @@ class _Engine:
                 stream[rows] = stream[rows] + reps[Site("attn", start)] + reps[Site("mlp", start)]
             start += 1
         if start < self.model.n_layers:
-            hooks = _replacing_hooks(replacements, n_texts, from_layer=start)
-            stream = _run_to_final_stream(self.model, stream, hooks, start)
+            hooks = replacing_hooks(replacements, n_texts, from_layer=start)
+            stream = self.model.run_to(stream, sites.FINAL_STREAM, hooks, start)
         return einops.rearrange(stream, "(k n) pos d -> k n pos d", k=len(replacements))
 
     def _score(self, clean: _Clean, finals: torch.Tensor, n_texts: int) -> torch.Tensor:
@@ -193,12 +175,11 @@ def evaluate(
     model: Model,
     batch: TokenBatch,
     specs: Sequence[Ablation],
-    metrics: Sequence[str] | None = None,
-    seed: int = 0,
-    batch_size: int = 16,
-    n_boot: int = 1000,
+    options: EvalOptions | None = None,
+    *,
     progress: Progress | None = None,
     command: str | None = None,
+    **changes: Any,
 ) -> AblationResult:
     """Measure each ablation in `specs` on `batch`, with 95% bootstrap CIs over texts.
 
@@ -206,40 +187,25 @@ def evaluate(
         model: the model.
         batch: texts and the predictions to score (`streamlens.data.load_batch` and friends).
         specs: the ablations (each a unit or a set of units with a method and an effect).
-        metrics: names from `metrics.METRICS` (default: all that apply to the batch).
-        seed: seeds the resample donors and the bootstrap.
-        batch_size: most sequences in one forward (texts x variants).
-        n_boot: bootstrap replicates; the resampling unit is the text (window or prompt).
+        options: metrics, seed, batch size, bootstrap replicates, threads (`EvalOptions`);
+            `changes` override single fields (`evaluate(..., n_boot=200)`).
         progress: called with the number of (spec, chunk of texts) evaluations just finished.
+        command: recorded in the provenance (default: this process's command line).
 
     Returns:
         `AblationResult` with values and CIs [unit, metric] and per-text values [unit, metric, text].
     """
+    options = EvalOptions.of(options, **changes)
     started = time.perf_counter()
-    names = _metric_names(metrics, batch)
-    engine = _Engine(model, batch, names, seed, batch_size)
-    per_text = engine.per_text(list(specs), progress)
-    estimate, low, high = M.bootstrap_ci(per_text, n_boot=n_boot, seed=seed)
-    first = [spec.sites[0] if len(spec.sites) == 1 else None for spec in specs]
+    engine = _engine(model, batch, options)
+    with options.torch_threads():
+        per_text = engine.per_text(list(specs), progress)
     return AblationResult(
-        provenance=Provenance.of(model, command or command_line(), seed),
-        units=tuple(spec.label for spec in specs),
-        kinds=tuple(site.kind if site else "set" for site in first),
-        layers=tuple(spec.first_layer for spec in specs),
-        heads=tuple(site.head if site else None for site in first),
+        **_summary(model, batch, engine, options, per_text, command, started),
+        sites=tuple(spec.sites for spec in specs),
         methods=tuple(spec.method for spec in specs),
         effects=tuple(spec.effect for spec in specs),
-        metrics=names,
-        values=estimate,
-        ci_low=low,
-        ci_high=high,
-        per_text=per_text,
         clean_loss=engine.clean_loss,
-        data=batch.description,
-        n_texts=batch.n_texts,
-        n_predictions=batch.n_scored,
-        n_boot=n_boot,
-        seconds=time.perf_counter() - started,
     )
 
 
@@ -251,11 +217,12 @@ def sweep(
     effect: str = "total",
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
-    **options: Any,
+    options: EvalOptions | None = None,
+    **changes: Any,
 ) -> AblationResult:
     """Remove every single unit of one kind in turn (see `evaluate` for the options)."""
     specs = [Ablation((site,), method, effect) for site in units(model, unit, layers, heads)]
-    return evaluate(model, batch, specs, **options)
+    return evaluate(model, batch, specs, options, **changes)
 
 
 def cumulative(
@@ -265,12 +232,11 @@ def cumulative(
     mode: str = "order",
     method: str = "zero",
     effect: str = "total",
-    metrics: Sequence[str] | None = None,
-    seed: int = 0,
-    batch_size: int = 16,
-    n_boot: int = 1000,
+    options: EvalOptions | None = None,
+    *,
     progress: Progress | None = None,
     command: str | None = None,
+    **changes: Any,
 ) -> CumulativeAblation:
     """Remove units one after another and measure the damage after each removal.
 
@@ -287,41 +253,46 @@ def cumulative(
         raise ValueError(f"unknown cumulative mode {mode!r}: choose from {', '.join(CUMULATIVE_MODES)}")
     if not order:
         raise ValueError("cumulative removal needs at least one unit")
+    options = EvalOptions.of(options, **changes)
     started = time.perf_counter()
-    names = _metric_names(metrics, batch)
-    engine = _Engine(model, batch, names, seed, batch_size)
-    remaining, removed, steps = list(order), [], []
+    engine = _engine(model, batch, options)
+    with options.torch_threads():
+        removed, per_text = _remove_one_after_another(engine, list(order), mode, method, effect, progress)
+    return CumulativeAblation(
+        **_summary(model, batch, engine, options, per_text, command, started),
+        mode=mode, sites=tuple(removed), method=method, effect=effect,
+    )
+
+
+def _remove_one_after_another(engine: "_Engine", order: list[Site], mode: str, method: str, effect: str,
+                              progress: Progress | None) -> tuple[list[Site], torch.Tensor]:
+    """The removal order and per-text metrics after each step [step, metric, text]."""
     if mode == "order":
         specs = [Ablation(tuple(order[: k + 1]), method, effect) for k in range(len(order))]
-        steps = list(engine.per_text(specs, progress))
-        removed = list(order)
-    while mode == "greedy" and remaining:
+        return order, engine.per_text(specs, progress)
+    remaining, removed, steps = list(order), [], []
+    while remaining:
         specs = [Ablation((*removed, site), method, effect) for site in remaining]
         per_text = engine.per_text(specs, progress)
-        damage = M.damage(names[0], per_text[:, 0].mean(-1))
+        damage = M.damage(engine.names[0], per_text[:, 0].mean(-1))
         best = int(torch.argmin(damage))
         removed.append(remaining.pop(best))
         steps.append(per_text[best])
-    per_text = torch.stack(steps)
-    estimate, low, high = M.bootstrap_ci(per_text, n_boot=n_boot, seed=seed)
-    return CumulativeAblation(
-        provenance=Provenance.of(model, command or command_line(), seed),
-        mode=mode,
-        units=tuple(site.label for site in removed),
-        kinds=tuple(site.kind for site in removed),
-        layers=tuple(site.layer for site in removed),
-        heads=tuple(site.head for site in removed),
-        method=method,
-        effect=effect,
-        metrics=names,
-        values=estimate,
-        ci_low=low,
-        ci_high=high,
-        per_text=per_text,
-        data=batch.description,
-        n_texts=batch.n_texts,
-        n_predictions=batch.n_scored,
-        n_boot=n_boot,
+    return removed, torch.stack(steps)
+
+
+def _engine(model: Model, batch: TokenBatch, options: EvalOptions) -> "_Engine":
+    return _Engine(model, batch, _metric_names(options.metrics, batch), options.seed, options.batch_size)
+
+
+def _summary(model: Model, batch: TokenBatch, engine: "_Engine", options: EvalOptions, per_text: torch.Tensor,
+             command: str | None, started: float) -> dict[str, Any]:
+    """The fields every ablation result shares: bootstrap CIs over texts, data, provenance."""
+    estimate, low, high = M.bootstrap_ci(per_text, n_boot=options.n_boot, seed=options.seed)
+    return dict(
+        provenance=Provenance.of(model, command or command_line(), options.seed),
+        metrics=engine.names, values=estimate, ci_low=low, ci_high=high, per_text=per_text,
+        data=batch.description, n_texts=batch.n_texts, n_predictions=batch.n_scored, n_boot=options.n_boot,
         seconds=time.perf_counter() - started,
     )
 

@@ -215,20 +215,54 @@ class Model:
         hooks: Sequence[Hook] = (),
         start_at_layer: int | None = None,
     ) -> torch.Tensor:
-        """Forward pass returning logits [batch, pos, d_vocab].
+        """Forward pass returning logits [batch, pos, d_vocab] (`run_to` with no stop)."""
+        return self.run_to(tokens_or_resid, None, hooks, start_at_layer)
+
+    def run_to(
+        self,
+        tokens_or_resid: torch.Tensor,
+        stop_at: str | None = None,
+        hooks: Sequence[Hook] = (),
+        start_at_layer: int | None = None,
+    ) -> torch.Tensor:
+        """The one partial forward: start at a layer, stop at a hook point.
 
         Args:
             tokens_or_resid: token ids [batch, pos], or, with `start_at_layer=k`, the stream
                 entering block k (`resid_pre k`) [batch, pos, d_model].
-            hooks: forward hooks, attached only for this call.
-            start_at_layer: skip embedding and blocks before k (they are not computed).
+            stop_at: a hook name; the forward ends as soon as it fires, after the `hooks` on it ran,
+                and the (possibly hooked) tensor there is returned. None: run to the logits.
+            hooks: forward hooks `(hook_name, fn(tensor, hook) -> tensor | None)`, attached only for
+                this call.
+            start_at_layer: skip the embedding and the blocks before k (they are not computed).
+
+        Returns:
+            the tensor at `stop_at` (e.g. `sites.FINAL_STREAM`: [batch, pos, d_model]), or the logits
+            [batch, pos, d_vocab] when `stop_at` is None.
         """
-        with self.hooks(hooks):
+        reached: dict[str, torch.Tensor] = {}
+        stops: list[Hook] = []
+        if stop_at is not None:
+            if stop_at not in self._bridge.hook_dict:
+                raise ValueError(f"unknown hook point {stop_at!r} for this model")
+
+            def stop(tensor: torch.Tensor, hook: Any) -> None:
+                reached[stop_at] = tensor
+                raise _Reached
+
+            stops.append((stop_at, stop))
+        with self.hooks([*hooks, *stops]), contextlib.suppress(_Reached):
             if start_at_layer is None:
-                return self._bridge(self.check_tokens(tokens_or_resid))
-            self.check_layer(start_at_layer)
-            with _skipping_blocks(self._bridge.blocks[:start_at_layer]):
-                return self._bridge(tokens_or_resid, start_at_layer=start_at_layer)
+                logits = self._bridge(self.check_tokens(tokens_or_resid))
+            else:
+                self.check_layer(start_at_layer)
+                with _skipping_blocks(self._bridge.blocks[:start_at_layer]):
+                    logits = self._bridge(tokens_or_resid, start_at_layer=start_at_layer)
+        if stop_at is None:
+            return logits
+        if stop_at not in reached:
+            raise RuntimeError(f"hook point {stop_at!r} did not fire in this forward (is it before start_at_layer?)")
+        return reached[stop_at]
 
     def run_with_cache(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Full transformer-lens cache (every hook point); the heavy baseline `record` avoids."""
@@ -241,6 +275,10 @@ class Model:
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         return self._bridge.parameters()
+
+
+class _Reached(Exception):
+    """Raised by the stop hook of `run_to` to end a forward at its hook point."""
 
 
 def _identity_block(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -13,8 +13,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from streamlens.highway_real import ALL_SKIPS, RealHighway
-from streamlens.highway_toy import ToyHighway
+from streamlens.results.highway import ALL_SKIPS, RealHighway, ToyHighway
 from streamlens.plots.style import color, finish
 
 _DASHES = ("dash", "dot", "dashdot", "longdash", "longdashdot")

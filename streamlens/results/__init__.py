@@ -3,12 +3,13 @@
 Every analysis returns one of these. Each can `save(path)` (tensors to safetensors, everything else
 to the file's JSON metadata), be read back with `load(path)`, and give a tidy long-format
 `to_dataframe()`. base.py: the base class and provenance; stream.py: writes, decomposition, lens;
-ablation.py: ablation sweeps.
+ablation.py: ablation sweeps; highway.py: the gradient highway.
 """
 
 from streamlens.results.ablation import AblationResult, CumulativeAblation
+from streamlens.results.highway import RealHighway, ToyConfig, ToyHighway
 from streamlens.results.base import Provenance, Result, command_line, frame, package_version
 from streamlens.results.stream import Components, LogitDecomposition, LogitLens, StreamWrites
 
 __all__ = ["AblationResult", "Components", "CumulativeAblation", "LogitDecomposition", "LogitLens", "Provenance",
-           "Result", "StreamWrites", "command_line", "frame", "package_version"]
+           "RealHighway", "Result", "StreamWrites", "ToyConfig", "ToyHighway", "command_line", "frame", "package_version"]

@@ -85,7 +85,7 @@ class Result:
                 plain[item.name] = dataclasses.asdict(value)
             else:
                 plain[item.name] = value
-        header = {"class": type(self).__name__, "fields": json.dumps(plain)}
+        header = {"class": type(self).__name__, "fields": json.dumps(plain, default=_label)}
         tmp = target.with_name(target.name + ".tmp")
         save_file(tensors, str(tmp), metadata=header)
         os.replace(tmp, target)
@@ -114,6 +114,13 @@ class Result:
 
     def to_dataframe(self) -> "pd.DataFrame":  # pragma: no cover - every subclass defines it
         raise NotImplementedError
+
+
+def _label(value: Any) -> Any:
+    """JSON for values that have a text label (a `Site` is saved as "attn 3"; results parse it back)."""
+    if hasattr(value, "label"):
+        return value.label
+    raise TypeError(f"cannot save {type(value).__name__} {value!r} in a result's JSON fields")
 
 
 def frame(rows: list[dict[str, Any]]) -> "pd.DataFrame":

@@ -26,13 +26,11 @@ import torch
 
 from streamlens import sites
 from streamlens.model import Model
-from streamlens.results import Provenance, Result, command_line, frame
+from streamlens.results import Provenance, command_line
+from streamlens.results.highway import ALL_SKIPS, RealHighway, condition_label
 
 if TYPE_CHECKING:
     import pandas as pd
-
-ALL_SKIPS = "all skips"
-
 
 def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
     """Layers whose skip is removed: "none", "all", "10,11,12" or "10-12" (mixable: "0,10-12")."""
@@ -57,57 +55,12 @@ def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
     return tuple(sorted(layers))
 
 
-def condition_label(removed: Sequence[int], n_layers: int) -> str:
-    """"all skips", "no skip: 10,11,12" or "no skip: all"."""
-    if not removed:
-        return ALL_SKIPS
-    return "no skip: all" if len(removed) == n_layers else "no skip: " + ",".join(map(str, removed))
-
-
 def highway_tokens(model: Model, window: int = 64, n_windows: int = 4) -> tuple[torch.Tensor, str]:
     """A small batch of text: token ids [n_windows, window] from the built-in texts, and a description."""
     from streamlens.data import load_texts, token_windows
 
     tokens = token_windows(model, load_texts(None), window, n_windows)
     return tokens, f"builtin texts ({tokens.shape[0]} windows of {tokens.shape[1]} tokens)"
-
-
-@dataclass(frozen=True)
-class RealHighway(Result):
-    """Gradient of the LM loss at the stream entering each block, per condition.
-
-    Shapes: tokens [batch, pos]; grad_norm, stream_norm [condition, layer] (||dloss/d resid_pre L||,
-    ||resid_pre L||); loss [condition]. `removed[c]` lists the blocks whose skip was removed in
-    condition c (empty: the model as it is).
-    """
-
-    provenance: Provenance
-    conditions: tuple[str, ...]
-    removed: tuple[tuple[int, ...], ...]
-    tokens: torch.Tensor
-    text: str
-    grad_norm: torch.Tensor
-    stream_norm: torch.Tensor
-    loss: torch.Tensor
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "removed", tuple(tuple(layers) for layers in self.removed))  # JSON gives lists
-
-    def first_to_last(self) -> torch.Tensor:
-        """||grad at layer 0|| / ||grad at the last layer||, [condition]."""
-        return self.grad_norm[:, 0] / self.grad_norm[:, -1]
-
-    def to_dataframe(self) -> "pd.DataFrame":
-        """Tidy rows (kind = condition, layer, measure, value); measures grad_norm, stream_norm, loss."""
-        n_layers = self.grad_norm.shape[1]
-        rows: list[dict[str, Any]] = []
-        for c, condition in enumerate(self.conditions):
-            base = {"part": "real", "kind": condition, "depth": n_layers, "step": None}
-            for measure in ("grad_norm", "stream_norm"):
-                values = getattr(self, measure)[c].tolist()
-                rows += [{**base, "layer": layer, "measure": measure, "value": value} for layer, value in enumerate(values)]
-            rows.append({**base, "layer": None, "measure": "loss", "value": float(self.loss[c])})
-        return frame(rows)
 
 
 def highway_hooks(model: Model, removed: Sequence[int], streams: dict[int, torch.Tensor]) -> list[tuple[str, Any]]:

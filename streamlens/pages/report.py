@@ -1,25 +1,22 @@
-"""One self-contained HTML report: the standard analyses of a model, composed into figures.
+"""The page of `streamlens report`: the standard analyses of a model, composed into figures.
 
 `standard_report` runs the public API (record, decompose, logit lens; single and cumulative
-sublayer ablations, direct and total) and hands each result to its figure function;
-`Report.to_html` writes one page with plotly.js embedded once, so it opens offline. No maths here:
-every number comes from a result object.
+sublayer ablations, direct and total) and hands each result to its figure function; the page is a
+`pages.html.Report` (plotly.js embedded once, so it opens offline). No maths here: every number
+comes from a result object.
 """
 
 from __future__ import annotations
 
 import html
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from streamlens.pages.html import Report, Section
 from streamlens.results import Provenance, command_line
 
 if TYPE_CHECKING:
-    import plotly.graph_objects as go
     import torch
 
     from streamlens.data import TokenBatch
@@ -28,75 +25,6 @@ if TYPE_CHECKING:
 DEFAULT_PROMPT = "The capital of France is"
 DEFAULT_DATA = "prompts"  # the built-in prompt/target set: short prompts keep the ablations quick
 ABLATION_METHOD = "mean"  # a write replaced by its mean stays on-distribution, unlike zero
-
-_CSS = """
-body { font-family: Inter, Helvetica, Arial, sans-serif; margin: 0 auto; max-width: 1200px; padding: 0 24px 48px;
-       color: #222; }
-h1 { margin: 28px 0 4px; } h2 { margin: 40px 0 4px; border-top: 1px solid #ddd; padding-top: 20px; }
-p.caption { margin: 4px 0 8px; max-width: 900px; line-height: 1.45; }
-table.facts { border-collapse: collapse; font-size: 14px; margin: 12px 0; }
-table.facts td { padding: 2px 14px 2px 0; vertical-align: top; } table.facts td:first-child { color: #666; }
-code { background: #f4f4f4; padding: 1px 4px; border-radius: 3px; }
-nav ol { line-height: 1.6; } .figure { width: 100%; }
-"""
-
-
-@dataclass(frozen=True)
-class Section:
-    """One figure of the report with a heading and a caption that says what it shows."""
-
-    title: str
-    caption: str
-    figure: "go.Figure"
-
-
-@dataclass(frozen=True)
-class Report:
-    """A titled list of figures plus the facts (model, data, command) that explain them."""
-
-    title: str
-    facts: tuple[tuple[str, str], ...]
-    sections: tuple[Section, ...]
-
-    def to_html(self) -> str:
-        """One HTML page; plotly.js is embedded once in the head, every figure is a div after it."""
-        from plotly.offline import get_plotlyjs
-
-        facts = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in self.facts)
-        toc = "".join(f'<li><a href="#figure-{i}">{html.escape(s.title)}</a></li>' for i, s in enumerate(self.sections))
-        body = []
-        for index, section in enumerate(self.sections):
-            div = section.figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"plot-{index}",
-                                         config={"displaylogo": False, "responsive": True})
-            body.append(f'<section id="figure-{index}"><h2>{index + 1}. {html.escape(section.title)}</h2>'
-                        f'<p class="caption">{section.caption}</p><div class="figure">{div}</div></section>')
-        return (
-            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>'
-            f"<style>{_CSS}</style><script>{get_plotlyjs()}</script></head><body>"
-            f"<h1>{html.escape(self.title)}</h1><table class=\"facts\">{facts}</table>"
-            f"<nav><ol>{toc}</ol></nav>{''.join(body)}</body></html>\n"
-        )
-
-    def write(self, path: str | os.PathLike[str]) -> Path:
-        """Write the page atomically (a failure leaves no file)."""
-        from streamlens.files import prepare_out_dir, write_atomic
-
-        prepare_out_dir(Path(path).parent)
-        return write_atomic(path, self.to_html())
-
-
-def check_out_path(out: str | os.PathLike[str]) -> Path:
-    """Validate the report's output path before any work: an .html file in a writable folder."""
-    from streamlens.files import check_out_dir
-
-    path = Path(out)
-    if path.is_dir():
-        raise ValueError(f"--out {path} is a folder: give a file path ending in .html")
-    if path.suffix.lower() not in (".html", ".htm"):
-        raise ValueError(f"--out {path}: the report is one HTML file, give a path ending in .html")
-    check_out_dir(path.parent)  # creates nothing: bad input later must leave no folder behind
-    return path
-
 
 def standard_report(
     model: "Model",

@@ -1,54 +1,16 @@
-"""The gradient highway: why residual connections let deep stacks train.
-
-With y = x + F(x) the Jacobian is dy/dx = I + dF/dx, so the gradient reaching layer l is a product of
-(I + dF/dx) terms that always keeps a path around every block; a plain stack, y = F(x), multiplies
-dF/dx terms only, and its gradient at early layers shrinks or grows exponentially with depth. And a
-residual block with F = 0 is exactly the identity, so a deeper residual stack can always fall back to
-a shallower one.
-
-Two measurements, each in its own module:
-- `highway_toy`: plain vs residual MLP stacks trained on a teacher task at several depths
-  (`toy_highway(ToyConfig(...)) -> ToyHighway`);
-- `highway_real`: per-layer gradients of the LM loss in a real model, with the skips of chosen blocks
-  removed (`skip_gradients(model, tokens, removed) -> RealHighway`).
-
-This module re-exports both and composes them: one tidy table, a JSON summary and an HTML report.
-"""
+"""The page and files of `streamlens highway`: one tidy table, a JSON summary and the HTML page,
+composed from `ToyHighway` and `RealHighway` results only."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from streamlens.highway_real import (
-    ALL_SKIPS,
-    RealHighway,
-    condition_label,
-    highway_hooks,
-    highway_tokens,
-    parse_layers,
-    skip_gradients,
-)
-from streamlens.highway_toy import (
-    KINDS,
-    Stack,
-    ToyConfig,
-    ToyHighway,
-    make_stack,
-    torch_init_ratio,
-    toy_highway,
-    zero_branch_check,
-)
+from streamlens.pages.html import Report, Section
+from streamlens.plots import highway as plots
+from streamlens.results.highway import RealHighway, ToyHighway
 
 if TYPE_CHECKING:
     import pandas as pd
-
-    from streamlens.report import Report
-
-__all__ = [
-    "ALL_SKIPS", "KINDS", "RealHighway", "Stack", "ToyConfig", "ToyHighway", "condition_label", "highway_report",
-    "highway_hooks", "highway_tokens", "make_stack", "parse_layers", "skip_gradients", "summary", "tidy",
-    "torch_init_ratio", "toy_highway", "zero_branch_check",
-]
 
 
 def tidy(toy: ToyHighway | None, real: RealHighway | None) -> "pd.DataFrame":
@@ -93,10 +55,7 @@ def summary(toy: ToyHighway | None, real: RealHighway | None) -> dict[str, Any]:
 
 
 def highway_report(toy: ToyHighway | None, real: RealHighway | None, facts: dict[str, str]) -> "Report":
-    """All figures on one page (see `streamlens.report.Report`); `facts` head the page."""
-    from streamlens.plots import highway as plots
-    from streamlens.report import Report, Section
-
+    """All figures on one page (see `streamlens.pages.html.Report`); `facts` head the page."""
     sections = []
     if toy is not None:
         deepest = max(toy.depths)

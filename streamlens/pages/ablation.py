@@ -11,7 +11,7 @@ from typing import Any
 from streamlens.data import TokenBatch
 from streamlens.model import Model
 from streamlens.plots import ablation as plots
-from streamlens.report import Report, Section
+from streamlens.pages.html import Report, Section
 from streamlens.results import AblationResult, CumulativeAblation
 
 

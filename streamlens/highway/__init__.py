@@ -1,0 +1,42 @@
+"""The gradient highway: why residual connections let deep stacks train.
+
+With y = x + F(x) the Jacobian is dy/dx = I + dF/dx, so the gradient reaching layer l is a product of
+(I + dF/dx) terms that always keeps a path around every block; a plain stack, y = F(x), multiplies
+dF/dx terms only, and its gradient at early layers shrinks or grows exponentially with depth. And a
+residual block with F = 0 is exactly the identity, so a deeper residual stack can always fall back to
+a shallower one.
+
+Two measurements, each in its own module:
+- `highway.toy`: plain vs residual MLP stacks trained on a teacher task at several depths
+  (`toy_highway(ToyConfig(...)) -> ToyHighway`);
+- `highway.real`: per-layer gradients of the LM loss in a real model, with the skips of chosen blocks
+  removed (`skip_gradients(model, tokens, removed) -> RealHighway`).
+
+This package re-exports both; their results live in `streamlens.results.highway`, the page that
+composes them in `streamlens.pages.highway`.
+"""
+
+from __future__ import annotations
+
+from streamlens.highway.real import (
+    highway_hooks,
+    highway_tokens,
+    parse_layers,
+    skip_gradients,
+)
+from streamlens.highway.toy import (
+    KINDS,
+    Stack,
+    make_stack,
+    torch_init_ratio,
+    toy_highway,
+    zero_branch_check,
+)
+
+from streamlens.results.highway import ALL_SKIPS, RealHighway, ToyConfig, ToyHighway, condition_label
+
+__all__ = [
+    "ALL_SKIPS", "KINDS", "RealHighway", "Stack", "ToyConfig", "ToyHighway", "condition_label", "highway_hooks",
+    "highway_tokens", "make_stack", "parse_layers", "skip_gradients", "torch_init_ratio", "toy_highway",
+    "zero_branch_check",
+]
