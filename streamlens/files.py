@@ -61,3 +61,50 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+OUTPUTS_MANIFEST = ".streamlens-outputs.json"
+
+
+def write_outputs(out: str | os.PathLike[str], files: dict[str, str | bytes]) -> Path:
+    """Write one command's output files into the folder `out` as one set; the one output path of every command.
+
+    Every file is first written into a temporary folder inside `out`; only when all are written are
+    they moved into place, and the files of the previous set (listed in `out`'s manifest) that this
+    set lacks are removed, so no file of an earlier run survives beside this run's. A failure while
+    writing leaves the earlier set as it was.
+    """
+    import json
+    import shutil
+
+    for name in files:
+        if not name or Path(name).name != name or name.startswith("."):
+            raise OutputError(f"output name {name!r} must be a plain file name")
+    folder = prepare_out_dir(out)
+    for name in files:
+        if (folder / name).is_dir():
+            raise OutputError(f"{folder / name} is a folder: cannot write the {name} file there")
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".streamlens-staging-"))
+    try:
+        for name, content in files.items():
+            write_atomic(staging / name, content)
+        previous = _manifest(folder)
+        for name in files:
+            os.replace(staging / name, folder / name)
+        for name in previous - set(files):
+            (folder / name).unlink(missing_ok=True)
+        write_atomic(folder / OUTPUTS_MANIFEST, json.dumps(sorted(files)) + "\n")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _manifest(folder: Path) -> set[str]:
+    """File names of the previous output set in `folder` (empty when there is none or it is unreadable)."""
+    import json
+
+    try:
+        names = json.loads((folder / OUTPUTS_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return set()
+    return {name for name in names if isinstance(name, str) and Path(name).name == name and not name.startswith(".")}

@@ -99,3 +99,29 @@ class Site:
         if kind in ("attn", "mlp", "block") and layer.strip().isdigit():
             return Site(kind, int(layer))  # type: ignore[arg-type]
         raise ValueError(f"unknown site {text!r}: use embed, pos_embed, 'attn L', 'mlp L', 'block L' or 'LxHy'")
+
+
+def parse_numbers(text: str, name: str = "layers", count: int | None = None) -> tuple[int, ...]:
+    """'0-5,9' -> (0, 1, 2, 3, 4, 5, 9): numbers and ranges, each number once, in the order given.
+
+    Args:
+        text: comma-separated whole numbers and ranges `a-b` (a <= b).
+        name: what the numbers are, for errors ("layers", "heads", "--layers").
+        count: when given, every number must be below it (e.g. the model's number of layers).
+    """
+    numbers: dict[int, None] = {}
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            low = int(first)
+            high = int(last) if dash else low
+        except ValueError:
+            raise ValueError(f"{name} {text!r} not understood: use numbers and ranges such as 0-5,9") from None
+        if high < low:
+            raise ValueError(f"range {part.strip()!r} in {name} {text!r} runs backwards: write {high}-{low}")
+        if count is not None and high >= count:
+            noun = name.lstrip("-")
+            raise ValueError(f"{noun.rstrip('s')} {high} out of range in {name} {text!r}: model has {count} {noun} "
+                             f"(0-{count - 1})")
+        numbers.update(dict.fromkeys(range(low, high + 1)))
+    return tuple(numbers)

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from streamlens.files import OUTPUTS_MANIFEST as MANIFEST
 from streamlens.cli import app
 from streamlens.testing import tiny_model_folder
 
@@ -41,7 +42,9 @@ def test_default_run_on_tiny_model_writes_three_files(tiny_folder, tmp_path):
     out = tmp_path / "out"
     result = _run("--model", tiny_folder, "--out", out)  # the built-in texts, every other option default
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["ablation.csv", "ablation.html", "ablation.json"]
+    # the three files, and the manifest that lets the next run replace exactly this set
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "ablation.csv", "ablation.html", "ablation.json"]
+    assert json.loads((out / MANIFEST).read_text()) == ["ablation.csv", "ablation.html", "ablation.json"]
     frame = pd.read_csv(out / "ablation.csv")
     assert COLUMNS <= set(frame.columns)
     assert list(frame["unit"].unique()) == ["block 0", "block 1", "block 2"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,42 @@ def test_check_out_dir_creates_nothing(tmp_path):
     afile.write_text("x")
     with pytest.raises(OutputError, match="cannot be created: .* is a file, not a folder"):
         check_out_dir(afile / "sub")
+
+
+def test_write_outputs_replaces_the_whole_previous_set(tmp_path):
+    from streamlens.files import OUTPUTS_MANIFEST, write_outputs
+
+    out = tmp_path / "out"
+    write_outputs(out, {"a.csv": "1", "extra.csv": "old"})
+    (out / "notes.txt").write_text("mine")  # not ours: never touched
+    write_outputs(out, {"a.csv": "2"})
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUTS_MANIFEST, "a.csv", "notes.txt"]
+    assert (out / "a.csv").read_text() == "2"
+
+
+def test_write_outputs_failure_leaves_the_earlier_set(tmp_path, monkeypatch):
+    import streamlens.files as files
+
+    out = tmp_path / "out"
+    files.write_outputs(out, {"a.csv": "1", "b.html": "1"})
+    real = files.write_atomic
+
+    def full_disk(path, content):
+        if Path(path).name == "b.html":
+            raise OSError(28, "No space left on device")
+        return real(path, content)
+
+    monkeypatch.setattr(files, "write_atomic", full_disk)
+    with pytest.raises(OSError):
+        files.write_outputs(out, {"a.csv": "2", "b.html": "2"})
+    assert (out / "a.csv").read_text() == "1" and (out / "b.html").read_text() == "1"
+    assert not [p for p in out.iterdir() if p.name.startswith(".streamlens-staging")]
+
+
+@pytest.mark.parametrize("name", ["", "../x.csv", "sub/x.csv", ".hidden"])
+def test_write_outputs_refuses_names_that_are_not_plain_files(tmp_path, name):
+    from streamlens.files import OutputError, write_outputs
+
+    with pytest.raises(OutputError, match="plain file name"):
+        write_outputs(tmp_path / "out", {name: "x"})
+    assert not (tmp_path / "out").exists()

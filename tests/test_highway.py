@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from streamlens.files import OUTPUTS_MANIFEST as MANIFEST
 from streamlens import highway as hw
 from streamlens import sites
 from streamlens.cli import app
@@ -197,7 +198,7 @@ def test_cli_quick_run_writes_three_files(tmp_path):
     out = tmp_path / "highway"
     run = CliRunner().invoke(app, ["highway", "--depths", "2,4", "--steps", "5", "--skip-real", "--out", str(out)])
     assert run.exit_code == 0, run.output
-    assert sorted(p.name for p in out.iterdir()) == ["highway.csv", "highway.html", "highway.json"]
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "highway.csv", "highway.html", "highway.json"]
     meta = json.loads((out / "highway.json").read_text())
     assert meta["seed"] == 0 and meta["settings"]["depths"] == [2, 4] and meta["seconds"]["total"] > 0
     assert set(meta["summary"]["toy"]["final_loss"]) == {"plain", "residual"}

@@ -39,20 +39,10 @@ def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
         return ()
     if text == "all":
         return tuple(range(n_layers))
-    layers: list[int] = []
-    for part in text.split(","):
-        first, dash, last = part.strip().partition("-")
-        try:
-            chosen = range(int(first), int(last) + 1) if dash else [int(first)]
-        except ValueError:
-            raise ValueError(f"layers {spec!r} not understood: use none, all, or numbers and ranges "
-                             f"such as 10,11,12 or 10-12 (0-{n_layers - 1})") from None
-        for layer in chosen:
-            if not 0 <= layer < n_layers:
-                raise ValueError(f"layer {layer} in {spec!r} out of range: model has {n_layers} layers (0-{n_layers - 1})")
-            if layer not in layers:
-                layers.append(layer)
-    return tuple(sorted(layers))
+    try:
+        return tuple(sorted(sites.parse_numbers(text, "layers", n_layers)))
+    except ValueError as error:
+        raise ValueError(f"{error} (or none, all)") from None
 
 
 def highway_tokens(model: Model, window: int = 64, n_windows: int = 4) -> tuple[torch.Tensor, str]:

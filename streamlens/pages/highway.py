@@ -3,11 +3,12 @@ composed from `ToyHighway` and `RealHighway` results only."""
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from streamlens.pages.html import Report, Section
 from streamlens.plots import highway as plots
-from streamlens.results.highway import RealHighway, ToyHighway
+from streamlens.results.highway import RealHighway, ToyConfig, ToyHighway
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -82,3 +83,23 @@ def highway_report(toy: ToyHighway | None, real: RealHighway | None, facts: dict
             plots.real_gradients(real)))
     return Report(title="streamlens highway: the gradient highway", facts=tuple(facts.items()),
                   sections=tuple(sections))
+
+
+def highway_files(toy: ToyHighway, real: RealHighway | None, config: ToyConfig, command: str,
+                  seconds: float) -> dict[str, str]:
+    """File name -> content for highway.csv, highway.json and highway.html."""
+    settings: dict[str, Any] = {
+        **{k: getattr(config, k) for k in ("depths", "steps", "seed", "width", "lr", "norm", "init", "batch",
+                                           "n_train", "d_in")},
+        "optimiser": "Adam", "toy_dtype": "float64", "skip_real": real is None}
+    if real is not None:
+        settings |= {"model": real.provenance.model, "weights_hash": real.provenance.weights_hash,
+                     "removed_skips": [list(layers) for layers in real.removed], "text": real.text}
+    facts = {"command": command, "seconds": f"{seconds:.1f}",
+             **{key: str(value) for key, value in settings.items() if key != "weights_hash"}}
+    meta = {"command": command, "seed": config.seed, "settings": settings,
+            "versions": (real or toy).provenance.versions, "seconds": {"total": seconds, "toy": toy.seconds},
+            "summary": summary(toy, real)}
+    return {"highway.csv": tidy(toy, real).to_csv(index=False),
+            "highway.json": json.dumps(meta, indent=2) + "\n",
+            "highway.html": highway_report(toy, real, facts).to_html()}

@@ -1,0 +1,142 @@
+"""`streamlens ablate`: remove each block, sublayer or head in turn and measure the damage."""
+
+from __future__ import annotations
+
+import typer
+
+from streamlens.cli.common import MODEL_HELP, check_choice, parse_ints, progress_bar, app, fail
+
+
+def damage_table(result, title: str):
+    """The most and least damaging units (up to five of each) with the first metric's 95% CI."""
+    from rich.table import Table
+
+    from streamlens.ablation import by_damage
+
+    short = {"loss_increase": "loss +", "kl": "KL", "top1_agreement": "top-1 agree", "target_logit_change":
+             "target logit", "target_prob_change": "target prob"}
+    order = by_damage(result)
+    table = Table(title=f"{title}; clean loss {float(result.clean_loss.mean()):.3f} nats; "
+                        f"95% CI over {result.n_texts} texts")
+    headers = ("", "unit", f"{short[result.metrics[0]]} [95% CI]", *(short[m] for m in result.metrics[1:]))
+    for index, column in enumerate(headers):
+        table.add_column(column, justify="right", no_wrap=index < 3)
+    shown = min(5, (len(order) + 1) // 2)  # few units: split them between the two groups
+    most = list(reversed(order[-shown:]))
+    least = [i for i in order[:shown] if i not in most]
+    for group, indices in (("most damaging", most), ("least damaging", least)):
+        for rank, index in enumerate(indices):
+            row = result.values[index]
+            low, high = float(result.ci_low[index, 0]), float(result.ci_high[index, 0])
+            table.add_row(group if rank == 0 else "", result.units[index],
+                          f"{float(row[0]):.3f} [{low:.3f}, {high:.3f}]", *(f"{float(v):.3f}" for v in row[1:]))
+        table.add_section()
+    return table
+
+
+
+@app.command()
+def ablate(
+    model: str = typer.Option(None, "--model", help=MODEL_HELP),
+    data: str = typer.Option(None, "--data", help="builtin (default: prose and code in data/), prompts (built-in "
+                             "prompt/target set), a .txt file, a .jsonl file ({\"text\"} or {\"prompt\", \"target\"} "
+                             "lines), or a literal text."),
+    unit: str = typer.Option("block", "--unit", help="block, attn, mlp or head."),
+    method: str = typer.Option("zero", "--method", help="zero, mean or resample."),
+    effect: str = typer.Option("total", "--effect", help="total, direct, or both (adds a direct-vs-total figure)."),
+    metrics: str = typer.Option(None, "--metrics", help="Comma list: loss_increase, kl, top1_agreement, "
+                                "target_logit_change, target_prob_change (default: all that apply)."),
+    cumulative: str = typer.Option("none", "--cumulative", help="none; order (remove units least damaging first, "
+                                   "ranked by the sweep); greedy (re-rank after every removal; slow)."),
+    layers: str = typer.Option(None, "--layers", help="Layers to ablate, e.g. 0-5,9 (default: all)."),
+    heads: str = typer.Option(None, "--heads", help="Heads for --unit head, e.g. 0,3 (default: all)."),
+    positions: str = typer.Option("all", "--positions", help="Predictions scored in each window: all, last, or "
+                                  "a slice such as 8: (prompt sets: always the last position)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float64 or bfloat16."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the resample donors and the bootstrap."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Most sequences in one forward (texts x variants)."),
+    window: int = typer.Option(64, "--window", help="Tokens per window of text."),
+    max_windows: int = typer.Option(16, "--max-windows", help="Most windows (taken round-robin over the texts)."),
+    n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates for the 95% CIs (over texts)."),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice; 1 is often "
+                                "faster on a busy shared machine)."),
+    out: str = typer.Option("streamlens-out", "--out", help="Folder for ablation.csv, ablation.json, ablation.html."),
+) -> None:
+    """Remove each block, sublayer or head in turn and measure the damage, with 95% bootstrap CIs."""
+    import time
+
+    started = time.perf_counter()
+    from streamlens import ablation as A
+
+    check_choice("--unit", unit, A.UNIT_KINDS)
+    check_choice("--method", method, A.METHODS)
+    effects = ("direct", "total") if check_choice("--effect", effect, (*A.EFFECTS, "both")) == "both" else (effect,)
+    check_choice("--cumulative", cumulative, ("none", *A.CUMULATIVE_MODES))
+    layer_list, head_list = parse_ints("--layers", layers), parse_ints("--heads", heads)
+    metric_list = None if metrics is None else [name.strip() for name in metrics.split(",") if name.strip()]
+    for option, value, least in (("--batch-size", batch_size, 1), ("--bootstrap", n_boot, 1),
+                                 ("--threads", 1 if threads is None else threads, 1)):
+        if value < least:
+            fail(f"{option} {value} must be at least {least}")
+    options = A.EvalOptions(metrics=metric_list, seed=seed, batch_size=batch_size, n_boot=n_boot, threads=threads)
+    from rich.console import Console
+
+    from streamlens.files import check_out_dir, write_outputs
+    from streamlens.pages.ablation import ablation_files
+
+    try:
+        check_out_dir(out)
+    except ValueError as error:
+        fail(str(error))
+
+    try:
+        from streamlens import data as D
+        from streamlens.model import load_model
+        from streamlens.results import command_line
+
+        D.check_source(data)
+        loaded = load_model(model, dtype=dtype, device=device)
+        batch = D.load_batch(loaded, data, window=window, max_windows=max_windows, positions=positions)
+        command = command_line()
+        results, curve = _sweeps(loaded, batch, unit, method, effects, layer_list, head_list, cumulative, options,
+                                 command, Console(stderr=True))
+    except (ValueError, OSError) as error:
+        fail(str(error))
+    main_result = results[effects[-1]]
+
+    settings = {"command": command, "unit": unit, "method": method, "effect": effect, "cumulative": cumulative,
+                "positions": positions, "layers": layers or "all", "heads": heads or ("all" if unit == "head" else None),
+                "window": window, "max_windows": max_windows, "batch_size": batch_size, "bootstrap": n_boot,
+                "seed": seed}
+    try:
+        files = ablation_files(results, curve, batch, loaded, settings, time.perf_counter() - started)
+        folder = write_outputs(out, files)
+    except (ValueError, OSError) as error:
+        fail(str(error))
+    seconds = time.perf_counter() - started
+
+    Console().print(damage_table(main_result, f"Removing one {unit} at a time ({method}, {effects[-1]} effect)"))
+    typer.echo(f"wrote {', '.join(files)} to {folder} in {seconds:.1f} s")
+
+
+def _sweeps(model, batch, unit, method, effects, layers, heads, cumulative, options, command, console):
+    """The sweep for each effect (and the cumulative curve) under one progress bar: (results, curve)."""
+    from streamlens import ablation as A
+
+    sites_list = A.units(model, unit, layers, heads)
+    n_chunks = -(-batch.n_texts // min(options.batch_size, batch.n_texts))
+    total = len(effects) * len(sites_list) * n_chunks
+    if cumulative != "none":
+        total += A.cumulative_evaluations(len(sites_list), cumulative) * n_chunks
+    with progress_bar(console) as bar:
+        task = bar.add_task(f"ablating {len(sites_list)} {unit} units", total=total)
+        advance = lambda n: bar.advance(task, n)  # noqa: E731
+        results = {name: A.sweep(model, batch, unit, method, name, layers, heads, options, progress=advance,
+                                 command=command) for name in effects}
+        curve = None
+        if cumulative != "none":
+            ranked = [sites_list[i] for i in A.by_damage(results[effects[-1]])]
+            curve = A.cumulative(model, batch, ranked, cumulative, method, effects[-1], options, progress=advance,
+                                 command=command)
+    return results, curve
