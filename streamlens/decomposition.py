@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import einops
 import torch
+from jaxtyping import Float, Int
 
 from streamlens.model import Model
 from streamlens.recording import record
@@ -50,14 +51,14 @@ def _label(model: Model, target: int, contrast: int) -> str:
     return text if contrast < 0 else f"{text} - {model.decode(contrast)!r}"
 
 
-def centre(stack: torch.Tensor, norm: str) -> torch.Tensor:
+def centre(stack: Float[torch.Tensor, "... d_model"], norm: str) -> Float[torch.Tensor, "... d_model"]:
     """Subtract the mean over d_model for LayerNorm (a linear map, so it applies per component)."""
     return stack - stack.mean(-1, keepdim=True) if norm == "layernorm" else stack
 
 
 def decompose(
     model: Model,
-    prompt_or_tokens: str | torch.Tensor,
+    prompt_or_tokens: str | Int[torch.Tensor, "1 pos"],
     target: str | int | None = None,
     contrast: str | int | None = None,
     positions: int | Sequence[int] = -1,
@@ -94,25 +95,10 @@ def decompose(
     else:
         target_ids = torch.full((len(chosen), 1), model.token_id(target), dtype=torch.long)
     contrast_ids = torch.full_like(target_ids, -1 if contrast is None else model.token_id(contrast))
-    # Direction in vocabulary space for each (position, target): one-hot target minus one-hot contrast.
-    directions = torch.zeros(*target_ids.shape, model.info.d_vocab, dtype=logits.dtype)
-    directions.scatter_(-1, target_ids.unsqueeze(-1).cpu(), 1.0)
-    has_contrast = contrast_ids >= 0
-    directions[has_contrast] -= torch.nn.functional.one_hot(
-        contrast_ids[has_contrast], model.info.d_vocab
-    ).to(logits.dtype)
-    directions = directions.to(logits.device)
-
+    directions = _directions(target_ids, contrast_ids, model.info.d_vocab, logits)
     with torch.inference_mode():
         comps = writes.components(by_head=by_head)
-        stack = comps.stack[:, 0, chosen]  # [component, n_pos, d_model]
-        scale = writes.final_scale[0, chosen]  # [n_pos, 1]
-        weighted = centre(stack, model.info.norm) * model.norm_weight / scale
-        unembed = einops.einsum(model.W_U, directions, "d_model vocab, pos target vocab -> pos target d_model")
-        contributions = einops.einsum(weighted, unembed, "comp pos d_model, pos target d_model -> comp pos target")
-        norm_bias = einops.einsum(model.norm_bias, unembed, "d_model, pos target d_model -> pos target")
-        unembed_bias = einops.einsum(model.b_U, directions, "vocab, pos target vocab -> pos target")
-        contributions = torch.cat([contributions, norm_bias[None], unembed_bias[None]])
+        contributions = _contributions(model, comps.stack[:, 0, chosen], writes.final_scale[0, chosen], directions)
         real = einops.einsum(logits, directions, "pos vocab, pos target vocab -> pos target")
         accumulated = _accumulate(contributions[:-2], comps.layers, model.n_layers)
 
@@ -134,9 +120,36 @@ def decompose(
         contributions=contributions.cpu(),
         logits=real.cpu(),
         accumulated=accumulated.cpu(),
-        scale=scale[:, 0].cpu(),
+        scale=writes.final_scale[0, chosen][:, 0].cpu(),
         norm=model.info.norm,
     )
+
+
+def _directions(target_ids: Int[torch.Tensor, "pos target"], contrast_ids: Int[torch.Tensor, "pos target"],
+                d_vocab: int, like: torch.Tensor) -> Float[torch.Tensor, "pos target vocab"]:
+    """Direction in vocabulary space for each (position, target): one-hot target minus one-hot
+    contrast (contrast id -1: none), in `like`'s dtype and device."""
+    directions = torch.zeros(*target_ids.shape, d_vocab, dtype=like.dtype)
+    directions.scatter_(-1, target_ids.unsqueeze(-1).cpu(), 1.0)
+    has_contrast = contrast_ids >= 0
+    directions[has_contrast] -= torch.nn.functional.one_hot(contrast_ids[has_contrast], d_vocab).to(like.dtype)
+    return directions.to(like.device)
+
+
+def _contributions(
+    model: Model,
+    stack: Float[torch.Tensor, "component pos d_model"],
+    scale: Float[torch.Tensor, "pos 1"],
+    directions: Float[torch.Tensor, "pos target vocab"],
+) -> Float[torch.Tensor, "component+2 pos target"]:
+    """Each component's term (w * centre(c) / scale) @ W_U . u, then the norm-bias and unembedding-bias
+    terms as two more rows: with the clean `scale` frozen they sum to the real logit . u."""
+    weighted = centre(stack, model.info.norm) * model.norm_weight / scale
+    unembed = einops.einsum(model.W_U, directions, "d_model vocab, pos target vocab -> pos target d_model")
+    contributions = einops.einsum(weighted, unembed, "comp pos d_model, pos target d_model -> comp pos target")
+    norm_bias = einops.einsum(model.norm_bias, unembed, "d_model, pos target d_model -> pos target")
+    unembed_bias = einops.einsum(model.b_U, directions, "vocab, pos target vocab -> pos target")
+    return torch.cat([contributions, norm_bias[None], unembed_bias[None]])
 
 
 def _accumulate(contributions: torch.Tensor, layers: Sequence[int | None], n_layers: int) -> torch.Tensor:
@@ -150,7 +163,7 @@ def _accumulate(contributions: torch.Tensor, layers: Sequence[int | None], n_lay
 
 def logit_lens(
     model: Model,
-    prompt_or_tokens: str | torch.Tensor,
+    prompt_or_tokens: str | Int[torch.Tensor, "1 pos"],
     target: str | int | None = None,
     top_k: int = 5,
     writes: StreamWrites | None = None,
