@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from jaxtyping import Float, Int
 
 from streamlens.results.base import Provenance, Result, frame
 
@@ -131,20 +132,20 @@ class LogitDecomposition(Result):
     """
 
     provenance: Provenance
-    tokens: torch.Tensor
+    tokens: Int[torch.Tensor, "1 pos"]
     token_strings: tuple[str, ...]
     positions: tuple[int, ...]
-    target_ids: torch.Tensor
-    contrast_ids: torch.Tensor
+    target_ids: Int[torch.Tensor, "n_pos target"]
+    contrast_ids: Int[torch.Tensor, "n_pos target"]
     target_strings: tuple[list[str], ...]
     labels: tuple[str, ...]
     kinds: tuple[str, ...]
     layers: tuple[int | None, ...]
     heads: tuple[int | None, ...]
-    contributions: torch.Tensor
-    logits: torch.Tensor
-    accumulated: torch.Tensor
-    scale: torch.Tensor
+    contributions: Float[torch.Tensor, "component n_pos target"]
+    logits: Float[torch.Tensor, "n_pos target"]
+    accumulated: Float[torch.Tensor, "stage n_pos target"]
+    scale: Float[torch.Tensor, "n_pos"]
     norm: str
 
     @property
@@ -189,17 +190,17 @@ class LogitLens(Result):
     """
 
     provenance: Provenance
-    tokens: torch.Tensor
+    tokens: Int[torch.Tensor, "1 pos"]
     token_strings: tuple[str, ...]
     layer_labels: tuple[str, ...]
-    top_ids: torch.Tensor
-    top_probs: torch.Tensor
+    top_ids: Int[torch.Tensor, "stage pos k"]
+    top_probs: Float[torch.Tensor, "stage pos k"]
     top_strings: tuple[list[list[str]], ...]
-    target_ids: torch.Tensor
+    target_ids: Int[torch.Tensor, "pos"]
     target_strings: tuple[str, ...]
-    target_probs: torch.Tensor
-    target_ranks: torch.Tensor
-    kl_to_final: torch.Tensor
+    target_probs: Float[torch.Tensor, "stage pos"]
+    target_ranks: Int[torch.Tensor, "stage pos"]
+    kl_to_final: Float[torch.Tensor, "stage pos"]
 
     def to_dataframe(self) -> "pd.DataFrame":
         """One row per (stage, position)."""
