@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from streamlens import sites
+from streamlens.model.fidelity import float64_softmax
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -45,6 +46,14 @@ class ModelInfo:
     dtype: str
     device: str
     load_seconds: float
+    bridge_vs_hf: float = 0.0
+    """max |bridge logits - HF logits| / max |HF logits| on the probe tokens, measured at load."""
+    readout_error: float = 0.0
+    """max |final_norm(final stream) @ W_U + b_U - logits| / max |logits|: 0 up to rounding unless the
+    logits are not linear in the stream (final soft-capping)."""
+    fidelity: str = ""
+    """Empty when both differences are within the dtype's tolerance; otherwise what is not exact
+    (loaded with strict=False). Copied into every result's provenance."""
 
 
 class Model:
@@ -251,7 +260,7 @@ class Model:
                 raise _Reached
 
             stops.append((stop_at, stop))
-        with self.hooks([*hooks, *stops]), contextlib.suppress(_Reached):
+        with self.hooks([*hooks, *stops]), self.exact(), contextlib.suppress(_Reached):
             if start_at_layer is None:
                 logits = self._bridge(self.check_tokens(tokens_or_resid))
             else:
@@ -266,8 +275,14 @@ class Model:
 
     def run_with_cache(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Full transformer-lens cache (every hook point); the heavy baseline `record` avoids."""
-        logits, cache = self._bridge.run_with_cache(self.check_tokens(tokens))
+        with self.exact():
+            logits, cache = self._bridge.run_with_cache(self.check_tokens(tokens))
         return logits, dict(cache.items())
+
+    def exact(self) -> contextlib.AbstractContextManager[None]:
+        """The block every forward runs in: float64 models keep their attention softmax float64
+        (HF's eager attention would round it through float32)."""
+        return float64_softmax() if self.info.dtype == "float64" else contextlib.nullcontext()
 
     def has_hooks(self) -> bool:
         """True when any hook is attached anywhere (used by tests that check restoration)."""

@@ -42,6 +42,8 @@ class Provenance:
     seed: int | None = None
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
+    bridge_vs_hf: float | None = None
+    fidelity: str = ""  # empty: the bridge computed the model's own logits (see ModelInfo.fidelity)
 
     @staticmethod
     def of(model: "Model", command: str, seed: int | None = None) -> "Provenance":
@@ -56,6 +58,8 @@ class Provenance:
             seed=seed,
             versions=versions,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            bridge_vs_hf=getattr(model.info, "bridge_vs_hf", None),
+            fidelity=getattr(model.info, "fidelity", ""),
         )
 
 
