@@ -144,6 +144,24 @@ class Model:
         """
         return self._bridge.blocks[self.check_layer(layer)].attn.W_O
 
+    def attn_post_norm(self, layer: int) -> torch.Tensor | None:
+        """Weight [d_model] of the RMSNorm between the attention output and the stream, Gemma's
+        (1 + w) offset added; None for models without one.
+
+        In sandwich / post-norm models (Gemma 2, Gemma 3, OLMo 2) the attention write is this norm's
+        output: `write = w * (sum_h z_h @ W_O[h] + b_O) / scale`, with `scale` at
+        `sites.attn_post_scale(layer)`; with the clean scale frozen, head h writes
+        `w * (z_h @ W_O[h]) / scale`.
+        """
+        ln = self._bridge.blocks[self.check_layer(layer)]._modules.get("ln1_post")
+        if ln is None:
+            return None
+        if not getattr(ln, "uses_rms_norm", True):
+            raise ValueError(f"layer {layer}: the attention post-norm is a LayerNorm; per-head writes through it "
+                             f"are not supported (only RMSNorm post-norms are)")
+        weight = ln.original_component.weight
+        return (1.0 + weight) if getattr(ln, "uses_weight_offset", False) else weight
+
     def b_O(self, layer: int) -> torch.Tensor:
         """Attention output bias of one layer, shape [d_model] (zeros when absent)."""
         attn = self._bridge.blocks[self.check_layer(layer)].attn
