@@ -46,6 +46,8 @@ class ModelInfo:
     dtype: str
     device: str
     load_seconds: float
+    family: str = ""
+    """The HF `model_type` (llama, gemma2, gpt_neox, ...)."""
     bridge_vs_hf: float = 0.0
     """max |bridge logits - HF logits| / max |HF logits| on the probe tokens, measured at load."""
     readout_error: float = 0.0
@@ -94,6 +96,17 @@ class Model:
     def has_pos_embed(self) -> bool:
         # the bridge lists an alias `hook_pos_embed` even for rotary models, where it never fires
         return hasattr(self._bridge, "pos_embed") and sites.POS_EMBED in self._bridge.hook_dict
+
+    @property
+    def norm_kind(self) -> str:
+        """The norms in words: 'RMSNorm', 'RMSNorm (1 + w)' or 'LayerNorm', plus ', post-norms' when
+        the attention output is normalised before it enters the stream."""
+        kind = "LayerNorm" if self.info.norm == "layernorm" else "RMSNorm"
+        if getattr(self._bridge.ln_final, "uses_weight_offset", False):
+            kind += " (1 + w)"
+        if self.attn_post_norm(0) is not None:
+            kind += ", post-norms"
+        return kind
 
     def check_layer(self, layer: int) -> int:
         if not 0 <= layer < self.n_layers:

@@ -237,7 +237,8 @@ def load_model(
     if fidelity and strict:
         raise ModelFidelityError(f"{display!r} ({architecture}) is not computed exactly: {fidelity}. "
                                  f"Pass strict=False to load it anyway (every result then says so).")
-    model.info = dataclasses.replace(info, bridge_vs_hf=bridge_vs_hf, readout_error=readout,
+    model.info = dataclasses.replace(info, family=str(getattr(hf_model.config, "model_type", "")),
+                                     bridge_vs_hf=bridge_vs_hf, readout_error=readout,
                                      fidelity=f"NOT EXACT: {fidelity}" if fidelity else "",
                                      load_seconds=time.perf_counter() - started)
     return model
