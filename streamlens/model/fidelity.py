@@ -6,9 +6,13 @@ through the bridge, and compares the logits relative to the logit scale (max |HF
 checks that the logits are the linear read-out of the final stream (`final_norm(x) @ W_U + b_U`),
 which every decomposition, lens and ablation score assumes: final logit soft-capping breaks it.
 
-HF's RMSNorms (Llama-style `w * x / rms`, Gemma-style `(1 + w) * x / rms`) compute in float32
-even for float64 models; `exact_float64_norms` replaces their forward with a float64 one, after a
-numerical probe says which of the two formulas the module computes.
+A float64 model should be float64 throughout, but HF rounds three things through float32: its
+RMSNorms (Llama-style `w * x / rms`, Gemma-style `(1 + w) * x / rms`), Gemma's embedding scale
+(a float32 buffer) and its eager attention softmax (`softmax(..., dtype=float32)`). Left alone they
+make the bridge differ from HF by ~1e-8 wherever one side re-implements the step (transformer-lens's
+fused-QKV attention computes its softmax in float64), and a decomposition miss its own logit by as
+much. `exact_float64_norms` fixes the first two on the HF modules; `float64_softmax` the third, for
+the duration of a forward (the `Model` handle runs every float64 forward inside it).
 """
 
 from __future__ import annotations
