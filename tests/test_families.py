@@ -130,9 +130,12 @@ def test_soft_capped_logits_are_refused_or_labelled(tmp_path, tokens):
     assert "Gemma2ForCausalLM" in str(error.value)
     model = load_model(str(folder), dtype="float64", strict=False)
     assert model.info.fidelity.startswith("NOT EXACT") and model.info.readout_error > 1e-3
-    parts = decompose(model, tokens[:1])
+    parts = decompose(model, tokens[:1], top_k=2)
     assert parts.provenance.fidelity == model.info.fidelity  # every result says so
-    assert parts.error > 1e-3  # the pre-cap sum is not the capped logit, and the error shows it
+    assert all(label.endswith("(pre-cap logit)") for label in parts.target_strings[0])
+    assert parts.error / float(parts.logits.abs().max()) <= 1e-10  # exact on the pre-cap logit ...
+    capped = record(model, tokens[:1]).logits[0, -1].gather(-1, parts.target_ids[0])
+    assert float((capped - parts.logits[0]).abs().max()) > 1e-3  # ... which is not the capped one
 
 
 def test_direct_head_effect_through_post_norm_is_refused(tmp_path):

@@ -47,6 +47,8 @@ class ModelInfo:
     device: str
     load_seconds: float
     family: str = ""
+    logit_softcap: float | None = None
+    """Final logit soft-cap c (logits = c tanh(pre-cap / c)); None for linear read-outs."""
     """The HF `model_type` (llama, gemma2, gpt_neox, ...)."""
     bridge_vs_hf: float = 0.0
     """max |bridge logits - HF logits| / max |HF logits| on the probe tokens, measured at load."""

@@ -231,13 +231,15 @@ def load_model(
                         f"scale (tolerance for {dtype}: {tolerance:.0e})")
     if readout > tolerance:
         why = (f"final logit soft-capping (tanh, cap {softcap}) makes the logits non-linear in the stream, so no "
-               f"decomposition of them is exact" if softcap else "the logits are not final_norm(stream) @ W_U + b_U")
+               f"decomposition of them is exact (strict=False: decompositions explain the pre-cap logit, "
+               f"labelled so)" if softcap else "the logits are not final_norm(stream) @ W_U + b_U")
         problems.append(f"{why}: read-out differs by {readout:.2e} of the logit scale")
     fidelity = "; ".join(problems)
     if fidelity and strict:
         raise ModelFidelityError(f"{display!r} ({architecture}) is not computed exactly: {fidelity}. "
                                  f"Pass strict=False to load it anyway (every result then says so).")
     model.info = dataclasses.replace(info, family=str(getattr(hf_model.config, "model_type", "")),
+                                     logit_softcap=softcap,
                                      bridge_vs_hf=bridge_vs_hf, readout_error=readout,
                                      fidelity=f"NOT EXACT: {fidelity}" if fidelity else "",
                                      load_seconds=time.perf_counter() - started)
