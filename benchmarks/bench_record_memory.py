@@ -6,8 +6,9 @@ and read the peak (VmHWM). Reported: peak RSS above the warmed baseline, and byt
 
     python benchmarks/bench_record_memory.py [--tokens 256] [--model smollm2] [--repeats 3]
 
-record keeps what it is asked for: with heads=True it keeps [layers, batch, pos, heads, d_model]
-(9x the attention writes), so both are reported.
+record keeps what it is asked for: with heads=True it also keeps each head's z [layers, batch, pos,
+heads, d_head] (the size of the attention writes) and references to the model's W_O; per-head writes
+[.., heads, d_model] are computed on demand, one layer at a time. Both are reported.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def measure(method: str, model_name: str, n_tokens: int) -> dict:
         handle.write("5")  # reset VmHWM (peak RSS) to the current RSS
     if method.startswith("record"):
         kept = record(model, tokens, heads=method == "record+heads")
-        tensors = [kept.embed, kept.attn, kept.mlp, kept.heads, kept.final, kept.final_scale, kept.logits]
+        tensors = [kept.embed, kept.attn, kept.mlp, kept.z, kept.attn_post_scale, kept.final, kept.final_scale,
+                   kept.logits]
     else:
         logits, cache = model.run_with_cache(tokens)
         kept = (logits, cache)

@@ -48,7 +48,8 @@ def _positions(positions: int | Sequence[int], n_pos: int) -> list[int]:
 
 def _label(model: Model, target: int, contrast: int) -> str:
     text = repr(model.decode(target))
-    return text if contrast < 0 else f"{text} - {model.decode(contrast)!r}"
+    text = text if contrast < 0 else f"{text} - {model.decode(contrast)!r}"
+    return f"{text} (pre-cap logit)" if model.info.logit_softcap else text
 
 
 def centre(stack: Float[torch.Tensor, "... d_model"], norm: str) -> Float[torch.Tensor, "... d_model"]:
@@ -81,7 +82,9 @@ def decompose(
 
     Returns:
         `LogitDecomposition`; contributions [component, n_pos, n_targets] sum to `logits`
-        [n_pos, n_targets], the model's real logits.
+        [n_pos, n_targets], the model's real logits. A model with final logit soft-capping (loaded
+        with strict=False) gets its pre-cap logits decomposed instead, and each target is labelled
+        "(pre-cap logit)".
     """
     tokens = _tokens(model, prompt_or_tokens)
     chosen = _positions(positions, tokens.shape[1])
@@ -90,6 +93,8 @@ def decompose(
     if writes is None:
         writes = record(model, tokens, heads=by_head)
     logits = writes.logits[0, chosen]  # [n_pos, vocab]
+    if model.info.logit_softcap:  # capped logits are not linear in the stream: explain the pre-cap logit
+        logits = model.final_logits(writes.final[0, chosen])
     if target is None:
         target_ids = logits.topk(top_k or 1, dim=-1).indices
     else:

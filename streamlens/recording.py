@@ -1,18 +1,19 @@
 """Record every write into the residual stream, and nothing else.
 
 One forward pass with a handful of hooks that copy just the sublayer writes: the embedding(s), each
-attention write, each MLP write, optionally each head's write (`z @ W_O`, computed inside the hook
-so `z` itself is never kept), and the final stream before the final norm with its scale. No full
-activation cache is built.
+attention write, each MLP write, optionally each head's `z` (its write `z @ W_O` is computed on
+demand, one layer at a time, so a record with heads is barely larger than one without), and the
+final stream before the final norm with its scale. No full activation cache is built.
 
-Identity (tested): embed (+ pos_embed) + sum_L (attn_L + mlp_L) == final stream.
+Identity (tested): embed (+ pos_embed) + sum_L (attn_L + mlp_L) == final stream; per layer,
+sum_h head write + attention bias write == attention write (post-norm models: through the clean
+post-norm scale).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import einops
 import torch
 
 from streamlens import sites
@@ -26,7 +27,9 @@ def record(model: Model, tokens: torch.Tensor, heads: bool = False, command: str
     Args:
         model: a loaded `Model`.
         tokens: token ids [batch, pos].
-        heads: also keep per-head attention writes [n_layers, batch, pos, n_heads, d_model].
+        heads: also keep each head's z [n_layers, batch, pos, n_heads, d_head] (and, for post-norm
+            models, the attention post-norm's scale): `writes.head_writes(layer)` gives the per-head
+            writes [batch, pos, n_heads, d_model].
 
     Returns:
         `StreamWrites` whose `embed + pos_embed + attn.sum(0) + mlp.sum(0)` equals `final`.
@@ -38,7 +41,10 @@ def record(model: Model, tokens: torch.Tensor, heads: bool = False, command: str
     # Writes go straight into preallocated buffers: no per-layer list, no stacking copy at the end.
     attn = torch.empty(n_layers, batch, n_pos, d_model, **empty)
     mlp = torch.empty(n_layers, batch, n_pos, d_model, **empty)
-    head_writes = torch.empty(n_layers, batch, n_pos, model.n_heads, d_model, **empty) if heads else None
+    z = torch.empty(n_layers, batch, n_pos, model.n_heads, model.info.d_head, **empty) if heads else None
+    post_weights = [model.attn_post_norm(layer) for layer in range(n_layers)] if heads else []  # sandwich norms
+    has_post = any(weight is not None for weight in post_weights)
+    post_scale = torch.empty(n_layers, batch, n_pos, 1, **empty) if has_post else None
     kept: dict[str, torch.Tensor] = {}
 
     def keep(name: str):
@@ -54,24 +60,15 @@ def record(model: Model, tokens: torch.Tensor, heads: bool = False, command: str
 
         return hook
 
-    def into_heads(buffer: torch.Tensor, layer: int):
-        W_O = model.W_O(layer)
-
-        def hook(z: torch.Tensor, hook: Any) -> None:
-            # z: [batch, pos, head, d_head] -> per-head write [batch, pos, head, d_model]
-            buffer[layer].copy_(einops.einsum(
-                z.detach(), W_O, "batch pos head d_head, head d_head d_model -> batch pos head d_model"
-            ))
-
-        return hook
-
     names = [sites.EMBED, sites.FINAL_STREAM, sites.FINAL_SCALE]
     names += [sites.POS_EMBED] if model.has_pos_embed else []
     hooks = [(name, keep(name)) for name in names]
     for layer in range(n_layers):
         hooks += [(sites.attn_out(layer), into(attn, layer)), (sites.mlp_out(layer), into(mlp, layer))]
-        if head_writes is not None:
-            hooks.append((sites.attn_z(layer), into_heads(head_writes, layer)))
+        if z is not None:
+            hooks.append((sites.attn_z(layer), into(z, layer)))
+        if post_scale is not None:
+            hooks.append((sites.attn_post_scale(layer), into(post_scale, layer)))
     with torch.inference_mode():
         logits = model.run(tokens, hooks=hooks)
     layers = range(model.n_layers)
@@ -83,10 +80,13 @@ def record(model: Model, tokens: torch.Tensor, heads: bool = False, command: str
         pos_embed=kept.get(sites.POS_EMBED),
         attn=attn,
         mlp=mlp,
-        heads=head_writes,
         attn_bias=torch.stack([model.b_O(layer).detach() for layer in layers]),
         final=kept[sites.FINAL_STREAM],
         final_scale=kept[sites.FINAL_SCALE],
         logits=logits.detach(),
         norm=model.info.norm,
+        z=z,
+        W_O=tuple(model.W_O(layer).detach() for layer in layers) if heads else None,  # the model's own, not copies
+        attn_post_weight=torch.stack([w.detach() for w in post_weights]) if has_post else None,
+        attn_post_scale=post_scale,
     )

@@ -38,6 +38,12 @@ def mlp_out(layer: int) -> str:
     return f"blocks.{layer}.hook_mlp_out"
 
 
+def attn_post_scale(layer: int) -> str:
+    """Scale of the norm applied to the attention output before it enters the stream (sandwich /
+    post-norm models: Gemma 2/3, OLMo 2), [batch, pos, 1]."""
+    return f"blocks.{layer}.ln1_post.hook_scale"
+
+
 def attn_z(layer: int) -> str:
     """Per-head attention values before W_O, [batch, pos, n_heads, d_head]."""
     return f"blocks.{layer}.attn.hook_z"

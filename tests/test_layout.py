@@ -23,6 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("metrics", "recording", "decomposition"),     # record, decompose, metrics
     ("ablation",),                                 # spec, options, replace, apply, engine
     ("highway",),                                  # toy, real
+    ("exactness",),                                # streamlens check: is streamlens exact on a model
     ("plots",),                                    # figures from results only
     ("pages",),                                    # HTML pages composed from figures
     ("cli", "__main__"),                           # parse -> call -> page -> write
@@ -31,8 +32,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 INNER: dict[str, tuple[str, ...]] = {
     "ablation": ("spec", "options", "replace", "apply", "engine", "__init__"),
     "highway": ("real", "toy", "__init__"),
-    "model": ("handle", "loading", "__init__"),
-    "results": ("base", "stream", "ablation", "highway", "__init__"),
+    "model": ("fidelity", "handle", "loading", "__init__"),
+    "results": ("base", "stream", "ablation", "highway", "check", "__init__"),
     "pages": ("html", "ablation", "highway", "report", "__init__"),
 }
 

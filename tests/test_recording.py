@@ -18,9 +18,11 @@ def test_writes_sum_to_final_stream(tiny, tiny_tokens):
 
 def test_head_writes_sum_to_attention_write(tiny, tiny_tokens):
     writes = record(tiny, tiny_tokens, heads=True)
-    assert writes.heads is not None
+    assert writes.heads is not None and writes.z.shape[-1] == tiny.info.d_head  # z kept, writes on demand
     rebuilt = writes.heads.sum(3) + writes.attn_bias[:, None, None, :]
     assert (rebuilt - writes.attn).abs().max() <= 1e-10
+    for layer in range(tiny.n_layers):
+        assert torch.equal(writes.head_writes(layer), writes.heads[layer])
 
 
 def test_final_stream_gives_the_logits(tiny, tiny_tokens):
@@ -41,7 +43,9 @@ def test_save_load_roundtrip(tiny, tiny_tokens, tmp_path):
     writes = record(tiny, tiny_tokens, heads=True)
     path = writes.save(tmp_path / "writes.safetensors")
     again = StreamWrites.load(path)
-    assert torch.equal(again.attn, writes.attn) and torch.equal(again.heads, writes.heads)
+    assert torch.equal(again.attn, writes.attn) and torch.equal(again.z, writes.z)
+    assert all(torch.equal(a, b) for a, b in zip(again.W_O, writes.W_O, strict=True))
+    assert (again.heads - writes.heads).abs().max() <= 1e-15  # the same sums (memory layout may differ)
     assert again.provenance == writes.provenance and again.norm == writes.norm
     assert len(again.to_dataframe()) == len(writes.components().labels) * tiny_tokens.numel()
 

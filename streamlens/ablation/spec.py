@@ -61,11 +61,16 @@ class Ablation:
         return min((site.layer for site in self.sites), default=None)
 
     def check(self, model: Model) -> "Ablation":
-        """Raise ValueError naming a layer or head the model does not have."""
+        """Raise ValueError naming a layer or head the model does not have, or a direct head effect
+        through a post-norm (the head's write is not z @ W_O there: the norm rescales the sum)."""
         for site in self.sites:
             model.check_layer(site.layer)
             if site.kind == "head":
                 model.check_head(site.head)
+                if self.effect == "direct" and model.attn_post_norm(site.layer) is not None:
+                    raise ValueError(f"direct effect of head {site.label} is not defined exactly: layer {site.layer} of "
+                                     f"{model.info.architecture} normalises the attention output after the heads "
+                                     f"(post-norm); use effect total, or unit attn for the direct effect")
         return self
 
 

@@ -1,11 +1,12 @@
 """The `streamlens` command: parse options, call the API, write files. No maths here.
 
-One module per command (`ablate`, `decompose`, `report`, `highway`), each registering itself on the
+One module per command (`ablate`, `decompose`, `report`, `highway`, `check`), each registering itself on the
 shared Typer `app` (`common.py`). Heavy imports (torch, transformer-lens) happen inside the commands,
 so `streamlens --help` is fast. Bad input prints one line naming the bad value and exits with code 2.
 """
 
 from streamlens.cli.common import app, fail
 from streamlens.cli import ablate, decompose, highway, report  # noqa: F401  (each registers its command)
+from streamlens.cli import check  # noqa: F401  (streamlens check)
 
 __all__ = ["app", "fail"]

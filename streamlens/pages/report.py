@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from streamlens.pages.html import Report, Section
+from streamlens.pages.html import Report, Section, fidelity_fact
 from streamlens.results import Provenance, command_line
 
 if TYPE_CHECKING:
@@ -62,6 +62,7 @@ def standard_report(
         ("model", f"{info.name} ({info.architecture}; {info.n_layers} layers, {info.n_heads} heads, "
                   f"d_model {info.d_model}, {info.norm} norm, {info.dtype} on {info.device})"),
         ("weights sha256", info.weights_hash or "unknown"),
+        ("fidelity", fidelity_fact(info)),
         ("prompt", prompt),
         ("explained", explained),
         ("ablation data", batch_description),

@@ -42,6 +42,8 @@ class Provenance:
     seed: int | None = None
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
+    bridge_vs_hf: float | None = None
+    fidelity: str = ""  # empty: the bridge computed the model's own logits (see ModelInfo.fidelity)
 
     @staticmethod
     def of(model: "Model", command: str, seed: int | None = None) -> "Provenance":
@@ -56,6 +58,8 @@ class Provenance:
             seed=seed,
             versions=versions,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            bridge_vs_hf=getattr(model.info, "bridge_vs_hf", None),
+            fidelity=getattr(model.info, "fidelity", ""),
         )
 
 
@@ -79,6 +83,10 @@ class Result:
             value = getattr(self, item.name)
             if isinstance(value, torch.Tensor):
                 tensors[item.name] = value.detach().to("cpu").contiguous()
+            elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+                for index, tensor in enumerate(value):  # e.g. one weight per layer
+                    tensors[f"{item.name}.{index}"] = tensor.detach().to("cpu").contiguous()
+                plain[item.name] = {"tensors": len(value)}
             elif value is None:
                 plain[item.name] = None
             elif dataclasses.is_dataclass(value):
@@ -107,6 +115,8 @@ class Result:
                 kwargs[item.name] = tensors[item.name]
             elif item.name == "provenance":
                 kwargs[item.name] = Provenance(**plain[item.name])
+            elif isinstance(plain.get(item.name), dict) and "tensors" in plain[item.name]:
+                kwargs[item.name] = tuple(tensors[f"{item.name}.{i}"] for i in range(plain[item.name]["tensors"]))
             else:
                 value = plain.get(item.name)
                 kwargs[item.name] = tuple(value) if isinstance(value, list) else value

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import einops
 import torch
 from jaxtyping import Float, Int
 
@@ -33,10 +34,15 @@ class StreamWrites(Result):
     """Every write into the residual stream for one batch of tokens.
 
     Shapes: tokens [batch, pos]; embed, pos_embed, final [batch, pos, d_model];
-    attn, mlp [layer, batch, pos, d_model]; heads [layer, batch, pos, head, d_model] (optional);
-    attn_bias [layer, d_model]; final_scale [batch, pos, 1]; logits [batch, pos, d_vocab].
+    attn, mlp [layer, batch, pos, d_model]; attn_bias [layer, d_model]; final_scale [batch, pos, 1];
+    logits [batch, pos, d_vocab]. Recorded with heads: z [layer, batch, pos, head, d_head] and the
+    output weights W_O (one [head, d_head, d_model] per layer, the model's own tensors, not copies);
+    per-head writes are computed from them on demand (`head_writes(layer)`, `heads`), so a record
+    with heads keeps z (the size of one attention write per layer), never [.., head, d_model].
+    Post-norm models (Gemma 2/3, OLMo 2) also keep the attention post-norm's weight
+    attn_post_weight [layer, d_model] and clean scale attn_post_scale [layer, batch, pos, 1].
     Identity: embed + pos_embed + attn.sum(0) + mlp.sum(0) == final, and for each layer
-    heads[L].sum(head) + attn_bias[L] == attn[L].
+    head_writes(L).sum(head) + attn_bias_write(L) == attn[L].
     """
 
     provenance: Provenance
@@ -46,16 +52,51 @@ class StreamWrites(Result):
     pos_embed: torch.Tensor | None
     attn: torch.Tensor
     mlp: torch.Tensor
-    heads: torch.Tensor | None
     attn_bias: torch.Tensor
     final: torch.Tensor
     final_scale: torch.Tensor
     logits: torch.Tensor
     norm: str
+    z: torch.Tensor | None = None
+    W_O: tuple[torch.Tensor, ...] | None = None
+    attn_post_weight: torch.Tensor | None = None
+    attn_post_scale: torch.Tensor | None = None
 
     @property
     def n_layers(self) -> int:
         return self.attn.shape[0]
+
+    @property
+    def has_heads(self) -> bool:
+        return self.z is not None and self.W_O is not None
+
+    def head_writes(self, layer: int) -> torch.Tensor:
+        """Each head's write into the stream at one layer, [batch, pos, head, d_model]:
+        z_h @ W_O[h] (post-norm models: times w / scale of the clean post-norm)."""
+        if not self.has_heads:
+            raise ValueError("these writes were recorded without heads: use record(..., heads=True)")
+        assert self.z is not None and self.W_O is not None
+        writes = einops.einsum(self.z[layer], self.W_O[layer].to(self.z),
+                               "batch pos head d_head, head d_head d_model -> batch pos head d_model")
+        if self.attn_post_weight is not None and self.attn_post_scale is not None:
+            writes = writes * (self.attn_post_weight[layer] / self.attn_post_scale[layer]).unsqueeze(-2)
+        return writes
+
+    @property
+    def heads(self) -> torch.Tensor | None:
+        """All per-head writes [layer, batch, pos, head, d_model], computed now (None without heads).
+        Large: prefer `head_writes(layer)` one layer at a time."""
+        if not self.has_heads:
+            return None
+        return torch.stack([self.head_writes(layer) for layer in range(self.n_layers)])
+
+    def attn_bias_write(self, layer: int) -> torch.Tensor:
+        """What the attention output bias adds to the stream at one layer, [batch, pos, d_model]
+        (b_O, or b_O * w / scale through a post-norm)."""
+        bias = self.attn_bias[layer].expand_as(self.embed)
+        if self.attn_post_weight is not None and self.attn_post_scale is not None:
+            bias = bias * self.attn_post_weight[layer] / self.attn_post_scale[layer]
+        return bias
 
     @property
     def embedding(self) -> torch.Tensor:
@@ -78,16 +119,16 @@ class StreamWrites(Result):
         if self.pos_embed is not None:
             labels.append("pos_embed"), kinds.append("pos_embed"), layers.append(None), heads.append(None)
             rows.append(self.pos_embed)
-        if by_head and self.heads is None:
+        if by_head and not self.has_heads:
             raise ValueError("these writes were recorded without heads: use record(..., heads=True)")
         for layer in range(self.n_layers):
             if by_head:
-                assert self.heads is not None
-                for head in range(self.heads.shape[3]):
+                per_head = self.head_writes(layer)
+                for head in range(per_head.shape[2]):
                     labels.append(f"L{layer}H{head}"), kinds.append("head"), layers.append(layer)
-                    heads.append(head), rows.append(self.heads[layer, :, :, head])
+                    heads.append(head), rows.append(per_head[:, :, head])
                 labels.append(f"attn bias {layer}"), kinds.append("attn_bias"), layers.append(layer)
-                heads.append(None), rows.append(self.attn_bias[layer].expand_as(self.embed))
+                heads.append(None), rows.append(self.attn_bias_write(layer))
             else:
                 labels.append(f"attn {layer}"), kinds.append("attn"), layers.append(layer), heads.append(None)
                 rows.append(self.attn[layer])
