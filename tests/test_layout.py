@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 INNER: dict[str, tuple[str, ...]] = {
     "ablation": ("spec", "options", "replace", "apply", "engine", "__init__"),
     "highway": ("real", "toy", "__init__"),
-    "model": ("handle", "loading", "__init__"),
+    "model": ("handle", "cache", "folders", "loading", "__init__"),
     "results": ("base", "stream", "ablation", "highway", "__init__"),
     "pages": ("html", "ablation", "highway", "report", "__init__"),
 }
