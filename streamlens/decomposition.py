@@ -82,6 +82,8 @@ def decompose(
         `LogitDecomposition`; contributions [component, n_pos, n_targets] sum to `logits`
         [n_pos, n_targets], the model's real logits.
     """
+    if model.info.dtype == "bfloat16":  # its 8-bit mantissa cannot keep the identity that is the point here
+        raise ValueError("decompose needs a float32 or float64 model, got bfloat16: load with dtype='float32'")
     tokens = _tokens(model, prompt_or_tokens)
     chosen = _positions(positions, tokens.shape[1])
     if top_k is not None and (target is not None or top_k < 1):

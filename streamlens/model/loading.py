@@ -90,11 +90,17 @@ def _resolve(name_or_path: str | None, verify: bool = False) -> tuple[str, str, 
             raise ModelLoadError(f"model file {path} does not exist")
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path} is not a model: expected a .gguf file or an HF model folder")
-        entry = cache.converted(path, lambda out: _convert_gguf(path, out), verify=verify)
+        try:
+            entry = cache.converted(path, lambda out: _convert_gguf(path, out), verify=verify)
+        except cache.CacheError as error:
+            raise ModelLoadError(str(error)) from None
         hub_name = _SMOLLM2_HF_NAME if path.name == _SMOLLM2_FILE else path.stem
         return display, hub_name, entry.folder, entry.weights_hash  # the hash of the weights loaded
     if path.is_dir():
-        check_folder(path)  # no auto_map (custom code), no pickle-only weights
+        try:
+            check_folder(path)  # no auto_map (custom code), no pickle-only weights
+        except ValueError as error:
+            raise ModelLoadError(str(error)) from None
         return display, str(path), path, _folder_hash(path)
     if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path and name_or_path.count("/") > 1:
         raise ModelLoadError(f"model path {name_or_path} does not exist")
