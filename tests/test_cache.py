@@ -197,3 +197,29 @@ def test_two_processes_converting_at_once_build_once(env, tmp_path):
     outputs = [process.communicate(timeout=60) for process in (first, second)]
     assert [process.returncode for process in (first, second)] == [0, 0], outputs
     assert outputs[0][0] == outputs[1][0] and log.read_text().count("built") == 1
+
+
+def test_load_model_heals_a_damaged_cached_model_end_to_end(tmp_path, monkeypatch, capsys):
+    """The issue's case: a zeroed stretch inside the cached model.safetensors. The next load notices,
+    rebuilds, and gives the clean logits; provenance hashes the weights actually loaded."""
+    import torch
+
+    from streamlens.model import loading
+    from streamlens.testing import tiny_model_folder
+
+    monkeypatch.setenv("STREAMLENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "_convert_gguf", lambda gguf, out: tiny_model_folder(out, arch="llama"))
+    source = tmp_path / "tiny.gguf"
+    source.write_bytes(b"GGUF stand-in")
+    clean = loading.load_model(str(source), dtype="float64")
+    tokens = clean.to_tokens("w5 w6 w7 w8")
+    expected = clean.run(tokens)
+    weights = Path(clean.info.source) / "model.safetensors"
+    assert clean.info.weights_hash == cache.file_hash(weights) != cache.file_hash(source)
+    data = bytearray(weights.read_bytes())
+    data[-4000:-2000] = bytes(2000)  # zero a stretch of the last tensor
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    healed = loading.load_model(str(source), dtype="float64")
+    assert "rebuilding the cached model" in capsys.readouterr().err
+    assert torch.equal(healed.run(tokens), expected) and healed.info.weights_hash == clean.info.weights_hash

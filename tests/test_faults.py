@@ -87,7 +87,7 @@ def test_a_broken_folder_is_not_called_an_unknown_model(folder, tmp_path, breaka
     (["--layers", "0-99999999999"], ["99999999999", "too large", "0-65535"]),
     (["--layers", "x"], ["'x'", "not understood"]),
     (["--bootstrap", "1"], ["--bootstrap 1", "at least 40"]),
-    (["--threads", "0"], ["--threads 0", "at least 1"]),
+    (["--threads", "0"], ["--threads 0", "must be at least 1"]),
     (["--window", "1"], ["--window 1", "at least 2"]),
     (["--data", "/no/such/place/texts"], ["/no/such/place/texts", "does not exist"]),
     (["--data", "prompts", "--window", "8"], ["--window", "prompt set"]),

@@ -66,7 +66,7 @@ def check_at_least(*checks: tuple[str, int | None, int]) -> None:
     """Fail on the first (option, value, least) whose value is below its least (None: not given, fine)."""
     for option, value, least in checks:
         if value is not None and value < least:
-            fail(f"{option} {value} out of range: must be at least {least}")
+            fail(f"{option} {value} must be at least {least}")
 
 
 def check_out(out: str, file_suffix: str | None = None):

@@ -50,7 +50,7 @@ def default_model_path() -> Path:
 
 
 def _folder_hash(folder: Path) -> str:
-    files = sorted(p for p in folder.iterdir() if p.suffix in {".safetensors", ".bin", ".pt", ".gguf"})
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors")  # what is loaded, nothing else
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
