@@ -84,11 +84,7 @@ def ablate(
     try:
         from streamlens import data as D
 
-        prompts = D.is_prompt_source(data)
-        if prompts and (window is not None or max_windows is not None):
-            fail(f"--window/--max-windows apply to text data; --data {data} is a prompt set, scored at each "
-                 f"prompt's last position")
-        D.check_source(data)
+        prompts = _check_data(data, window, max_windows, positions, metric_list)
         options = A.EvalOptions(metrics=metric_list, seed=seed, batch_size=batch_size, n_boot=n_boot,
                                 threads=use_threads(threads))
         from rich.console import Console
@@ -115,6 +111,26 @@ def ablate(
     Console().print(damage_table(results[effects[-1]], f"Removing one {unit} at a time ({method}, {effects[-1]} "
                                                        f"effect)"))
     typer.echo(f"wrote {', '.join(files)} to {folder} in {time.perf_counter() - started:.1f} s")
+
+
+def _check_data(data, window, max_windows, positions, metrics) -> bool:
+    """Check the data source and the options that depend on it before any model loads; True for a prompt set."""
+    from streamlens import data as D
+    from streamlens.metrics import check_metrics
+
+    prompts = D.is_prompt_source(data)
+    if prompts and (window is not None or max_windows is not None):
+        fail(f"--window/--max-windows apply to text data; --data {data} is a prompt set, scored at each "
+             f"prompt's last position")
+    D.check_source(data)
+    if metrics is not None:
+        check_metrics(metrics, has_targets=prompts)
+    if not prompts:
+        D.parse_positions(positions, (window or 64) - 1)
+    elif positions.strip().lower() != "all":
+        fail(f"--positions {positions!r}: positions apply to text windows; a prompt set is scored at each "
+             f"prompt's last position")
+    return prompts
 
 
 def _sweeps(model, batch, unit, method, effects, layers, heads, cumulative, options, command, console):
