@@ -17,6 +17,12 @@ import tempfile
 import time
 
 CHILD = "import streamlens as sl; m = sl.load_model(); print(m.info.load_seconds)"
+# In-process cached loads (imports already paid): the cheap size+mtime check vs --verify (full sha256).
+IN_PROCESS = """import statistics, streamlens as sl
+sl.load_model()
+for verify in (False, True, False, True, False, True):
+    print(verify, sl.load_model(verify=verify).info.load_seconds)
+"""
 
 
 def load_once(cache: str) -> tuple[float, float]:
@@ -41,6 +47,14 @@ def main() -> None:
     print(f"first load (GGUF conversion): load_model {f_load:.1f} s, process {statistics.median(x[0] for x in first):.1f} s")
     print(f"cached load:                  load_model {c_load:.1f} s, process {statistics.median(x[0] for x in cached):.1f} s")
     print(f"ratio first / cached load_model: {f_load / c_load:.1f}x (median of {args.repeats})")
+    with tempfile.TemporaryDirectory() as cache:
+        load_once(cache)
+        out = subprocess.run([sys.executable, "-c", IN_PROCESS], capture_output=True, text=True, check=True,
+                             env={**os.environ, "STREAMLENS_CACHE": cache}).stdout.split()
+    pairs = list(zip(out[::2], map(float, out[1::2])))
+    cheap = statistics.median(s for v, s in pairs if v == "False")
+    full = statistics.median(s for v, s in pairs if v == "True")
+    print(f"in-process cached load: cheap check {cheap:.2f} s, --verify {full:.2f} s ({full / cheap:.2f}x)")
 
 
 if __name__ == "__main__":

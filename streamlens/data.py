@@ -14,6 +14,7 @@ see the padding to their right, so padding changes nothing that is scored).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,8 +30,16 @@ _TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
 def data_dir() -> Path:
-    """The folder with the built-in text set (`texts/*.txt`) and `prompts.jsonl`."""
-    return Path(__file__).resolve().parent.parent / "data"
+    """The folder with the built-in text set (`texts/*.txt`) and `prompts.jsonl`.
+
+    `streamlens/_data/` in an installed wheel (pyproject's force-include puts it there), else `data/`
+    at the repository root (a source checkout or an editable install).
+    """
+    package = Path(__file__).resolve().parent
+    for folder in (package / "_data", package.parent / "data"):
+        if (folder / "prompts.jsonl").is_file():
+            return folder
+    return package.parent / "data"
 
 
 # ----- loading ----------------------------------------------------------------------------------
@@ -59,7 +68,16 @@ def load_texts(source: str | None) -> list[str]:
         return _read_text_file(path)
     if _is_file(path):
         raise ValueError(f"data file {path} has an unsupported type: use a .txt or .jsonl file")
+    if _looks_like_path(source):
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ValueError(f"data path {path} {what}: give a .txt or .jsonl file, 'builtin', 'prompts', "
+                         f"or a literal text (one with a space)")
     return [source]
+
+
+def _looks_like_path(source: str) -> bool:
+    """A single word with a slash or a leading ~ or . is a path that went missing, not a text to ablate."""
+    return not any(c.isspace() for c in source) and ("/" in source or os.sep in source or source.startswith("~"))
 
 
 def _is_file(path: Path) -> bool:

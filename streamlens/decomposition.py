@@ -86,6 +86,8 @@ def decompose(
         with strict=False) gets its pre-cap logits decomposed instead, and each target is labelled
         "(pre-cap logit)".
     """
+    if model.info.dtype == "bfloat16":  # its 8-bit mantissa cannot keep the identity that is the point here
+        raise ValueError("decompose needs a float32 or float64 model, got bfloat16: load with dtype='float32'")
     tokens = _tokens(model, prompt_or_tokens)
     chosen = _positions(positions, tokens.shape[1])
     if top_k is not None and (target is not None or top_k < 1):

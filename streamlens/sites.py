@@ -107,6 +107,9 @@ class Site:
         raise ValueError(f"unknown site {text!r}: use embed, pos_embed, 'attn L', 'mlp L', 'block L' or 'LxHy'")
 
 
+MAX_NUMBER = 65535  # no model has more layers or heads; bounds a range before the model is loaded
+
+
 def parse_numbers(text: str, name: str = "layers", count: int | None = None) -> tuple[int, ...]:
     """'0-5,9' -> (0, 1, 2, 3, 4, 5, 9): numbers and ranges, each number once, in the order given.
 
@@ -125,6 +128,8 @@ def parse_numbers(text: str, name: str = "layers", count: int | None = None) -> 
             raise ValueError(f"{name} {text!r} not understood: use numbers and ranges such as 0-5,9") from None
         if high < low:
             raise ValueError(f"range {part.strip()!r} in {name} {text!r} runs backwards: write {high}-{low}")
+        if count is None and high > MAX_NUMBER:  # before the model says how many: no range of a billion
+            raise ValueError(f"{high} in {name} {text!r} is too large: numbers run 0-{MAX_NUMBER}")
         if count is not None and high >= count:
             noun = name.lstrip("-")
             raise ValueError(f"{noun.rstrip('s')} {high} out of range in {name} {text!r}: model has {count} {noun} "

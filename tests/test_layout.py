@@ -32,7 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 INNER: dict[str, tuple[str, ...]] = {
     "ablation": ("spec", "options", "replace", "apply", "engine", "__init__"),
     "highway": ("real", "toy", "__init__"),
-    "model": ("fidelity", "handle", "loading", "__init__"),
+    "model": ("fidelity", "handle", "cache", "folders", "loading", "__init__"),
     "results": ("base", "stream", "ablation", "highway", "check", "__init__"),
     "pages": ("html", "ablation", "highway", "report", "__init__"),
 }

@@ -101,12 +101,18 @@ def test_smollm2_facts(smol):
 
 
 @pytest.mark.real
-def test_gguf_cache_is_reused(smol):
-    """The second load reads the converted safetensors from the cache, keyed by the GGUF hash."""
+def test_gguf_cache_is_reused(smol, monkeypatch):
+    """The second load reads the converted safetensors from the cache: it converts nothing (a timed
+    assertion would only measure how busy the machine is; benchmarks/bench_load.py times it)."""
+    from streamlens.model import loading
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the cached GGUF was converted again")
+
+    monkeypatch.setattr(loading, "_convert_gguf", no_conversion)
     again = load_model()
     assert again.info.source == smol.info.source
     assert again.info.weights_hash == smol.info.weights_hash
-    assert again.info.load_seconds < 10
 
 
 def test_hub_name_loads_offline_from_the_hf_cache(tmp_path, monkeypatch):

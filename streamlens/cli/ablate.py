@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from streamlens.cli.common import MODEL_HELP, check_choice, parse_ints, progress_bar, app, fail
+from streamlens.cli.common import (MIN_BOOTSTRAP, MODEL_HELP, THREADS_HELP, VERIFY_HELP, app, check_at_least,
+                                   check_choice, check_out, fail, parse_ints, progress_bar, use_threads)
 
 
 def damage_table(result, title: str):
@@ -56,11 +57,13 @@ def ablate(
     dtype: str = typer.Option("float32", "--dtype", help="float32, float64 or bfloat16."),
     seed: int = typer.Option(0, "--seed", help="Seeds the resample donors and the bootstrap."),
     batch_size: int = typer.Option(16, "--batch-size", help="Most sequences in one forward (texts x variants)."),
-    window: int = typer.Option(64, "--window", help="Tokens per window of text."),
-    max_windows: int = typer.Option(16, "--max-windows", help="Most windows (taken round-robin over the texts)."),
-    n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates for the 95% CIs (over texts)."),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice; 1 is often "
-                                "faster on a busy shared machine)."),
+    window: int = typer.Option(None, "--window", help="Tokens per window of text (default 64; text data only)."),
+    max_windows: int = typer.Option(None, "--max-windows", help="Most windows, taken round-robin over the texts "
+                                    "(default 16; text data only)."),
+    n_boot: int = typer.Option(1000, "--bootstrap", help=f"Bootstrap replicates for the 95% CIs (over texts; at "
+                               f"least {MIN_BOOTSTRAP})."),
+    threads: int = typer.Option(None, "--threads", help=THREADS_HELP),
+    verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
     out: str = typer.Option("streamlens-out", "--out", help="Folder for ablation.csv, ablation.json, ablation.html."),
 ) -> None:
     """Remove each block, sublayer or head in turn and measure the damage, with 95% bootstrap CIs."""
@@ -75,49 +78,59 @@ def ablate(
     check_choice("--cumulative", cumulative, ("none", *A.CUMULATIVE_MODES))
     layer_list, head_list = parse_ints("--layers", layers), parse_ints("--heads", heads)
     metric_list = None if metrics is None else [name.strip() for name in metrics.split(",") if name.strip()]
-    for option, value, least in (("--batch-size", batch_size, 1), ("--bootstrap", n_boot, 1),
-                                 ("--threads", 1 if threads is None else threads, 1)):
-        if value < least:
-            fail(f"{option} {value} must be at least {least}")
-    options = A.EvalOptions(metrics=metric_list, seed=seed, batch_size=batch_size, n_boot=n_boot, threads=threads)
-    from rich.console import Console
-
-    from streamlens.files import check_out_dir, write_outputs
-    from streamlens.pages.ablation import ablation_files
-
-    try:
-        check_out_dir(out)
-    except ValueError as error:
-        fail(str(error))
-
+    check_at_least(("--batch-size", batch_size, 1), ("--bootstrap", n_boot, MIN_BOOTSTRAP), ("--window", window, 2),
+                   ("--max-windows", max_windows, 1), ("--seed", seed, 0))
+    check_out(out)
     try:
         from streamlens import data as D
+
+        prompts = _check_data(data, window, max_windows, positions, metric_list)
+        options = A.EvalOptions(metrics=metric_list, seed=seed, batch_size=batch_size, n_boot=n_boot,
+                                threads=use_threads(threads))
+        from rich.console import Console
+
+        from streamlens.files import write_outputs
         from streamlens.model import load_model
+        from streamlens.pages.ablation import ablation_files
         from streamlens.results import command_line
 
-        D.check_source(data)
-        loaded = load_model(model, dtype=dtype, device=device)
-        batch = D.load_batch(loaded, data, window=window, max_windows=max_windows, positions=positions)
+        loaded = load_model(model, dtype=dtype, device=device, verify=verify)
+        window, max_windows = (None, None) if prompts else (window or 64, max_windows or 16)
+        batch = D.load_batch(loaded, data, window=window or 64, max_windows=max_windows, positions=positions)
         command = command_line()
         results, curve = _sweeps(loaded, batch, unit, method, effects, layer_list, head_list, cumulative, options,
                                  command, Console(stderr=True))
-    except (ValueError, OSError) as error:
-        fail(str(error))
-    main_result = results[effects[-1]]
-
-    settings = {"command": command, "unit": unit, "method": method, "effect": effect, "cumulative": cumulative,
-                "positions": positions, "layers": layers or "all", "heads": heads or ("all" if unit == "head" else None),
-                "window": window, "max_windows": max_windows, "batch_size": batch_size, "bootstrap": n_boot,
-                "seed": seed}
-    try:
+        settings = {"command": command, "unit": unit, "method": method, "effect": effect, "cumulative": cumulative,
+                    "positions": positions, "layers": layers or "all", "heads": heads or ("all" if unit == "head"
+                    else None), "window": window, "max_windows": max_windows, "batch_size": batch_size,
+                    "bootstrap": n_boot, "seed": seed}
         files = ablation_files(results, curve, batch, loaded, settings, time.perf_counter() - started)
         folder = write_outputs(out, files)
     except (ValueError, OSError) as error:
         fail(str(error))
-    seconds = time.perf_counter() - started
+    Console().print(damage_table(results[effects[-1]], f"Removing one {unit} at a time ({method}, {effects[-1]} "
+                                                       f"effect)"))
+    typer.echo(f"wrote {', '.join(files)} to {folder} in {time.perf_counter() - started:.1f} s")
 
-    Console().print(damage_table(main_result, f"Removing one {unit} at a time ({method}, {effects[-1]} effect)"))
-    typer.echo(f"wrote {', '.join(files)} to {folder} in {seconds:.1f} s")
+
+def _check_data(data, window, max_windows, positions, metrics) -> bool:
+    """Check the data source and the options that depend on it before any model loads; True for a prompt set."""
+    from streamlens import data as D
+    from streamlens.metrics import check_metrics
+
+    prompts = D.is_prompt_source(data)
+    if prompts and (window is not None or max_windows is not None):
+        fail(f"--window/--max-windows apply to text data; --data {data} is a prompt set, scored at each "
+             f"prompt's last position")
+    D.check_source(data)
+    if metrics is not None:
+        check_metrics(metrics, has_targets=prompts)
+    if not prompts:
+        D.parse_positions(positions, (window or 64) - 1)
+    elif positions.strip().lower() != "all":
+        fail(f"--positions {positions!r}: positions apply to text windows; a prompt set is scored at each "
+             f"prompt's last position")
+    return prompts
 
 
 def _sweeps(model, batch, unit, method, effects, layers, heads, cumulative, options, command, console):

@@ -55,3 +55,79 @@ def progress_bar(console=None, transient: bool = True):
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     return Progress(*columns, console=console, transient=transient)
+
+
+THREADS_HELP = "torch CPU threads (default: the cores idle right now, at least 1)."
+VERIFY_HELP = "Re-hash every file of the cached model conversion (default: only files whose size or mtime changed)."
+MIN_BOOTSTRAP = 40  # fewer replicates leave a 2.5% tail of the 95% interval without a single draw
+
+
+def check_at_least(*checks: tuple[str, int | None, int]) -> None:
+    """Fail on the first (option, value, least) whose value is below its least (None: not given, fine)."""
+    for option, value, least in checks:
+        if value is not None and value < least:
+            fail(f"{option} {value} must be at least {least}")
+
+
+def check_out(out: str, file_suffix: str | None = None):
+    """Check, creating nothing, that `--out` can be written (a folder, or a file with `file_suffix`)."""
+    from pathlib import Path
+
+    from streamlens.files import check_out_dir
+
+    try:
+        if file_suffix is not None:
+            path = Path(out)
+            if not out.strip() or path.suffix.lower() != file_suffix or path.is_dir():
+                fail(f"--out {out!r} must be a file path ending in {file_suffix}")
+            check_out_dir(path.parent if str(path.parent) else ".")
+            return path
+        return check_out_dir(out)
+    except ValueError as error:
+        fail(str(error))
+
+
+def default_threads() -> int:
+    """The usable cores that are idle now (at least 1): torch's default of every core slows a forward
+    ~10x when another process holds one of them. Busy = the share of the last 0.1 s that this process's
+    CPUs spent working (/proc/stat, Linux); elsewhere the 1-minute load average stands in."""
+    import os
+    import time
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    first = _cpu_times(cpus)
+    time.sleep(0.1)
+    second = _cpu_times(cpus)
+    if first and second:
+        busy = sum(1 - (second[c][1] - first[c][1]) / max(1, second[c][0] - first[c][0]) for c in second if c in first)
+    else:
+        try:
+            busy = os.getloadavg()[0]
+        except (OSError, AttributeError):
+            busy = 0.0
+    return max(1, len(cpus) - round(busy))
+
+
+def _cpu_times(cpus: list[int]) -> dict[int, tuple[int, int]]:
+    """cpu -> (total, idle) jiffies from /proc/stat ({} where there is none)."""
+    try:
+        lines = open("/proc/stat").read().splitlines()
+    except OSError:
+        return {}
+    times = {}
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            values = [int(v) for v in fields]
+            times[int(name[3:])] = (sum(values[:8]), values[3] + values[4])  # idle + iowait
+    return times
+
+
+def use_threads(threads: int | None) -> int:
+    """Check `--threads` and give torch that many (default: `default_threads()`); returns the number used."""
+    check_at_least(("--threads", threads, 1))
+    import torch
+
+    chosen = threads or default_threads()
+    torch.set_num_threads(chosen)
+    return chosen

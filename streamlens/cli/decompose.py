@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from streamlens.cli.common import MODEL_HELP, app, fail
+from streamlens.cli.common import MODEL_HELP, THREADS_HELP, VERIFY_HELP, app, check_out, fail, use_threads
 
 
 @app.command()
@@ -14,23 +14,30 @@ def decompose(
     contrast: str = typer.Option(None, "--contrast", help="Explain logit(target) - logit(contrast) instead."),
     position: int = typer.Option(-1, "--position", help="Token position (negative counts from the end)."),
     model: str = typer.Option(None, "--model", help=MODEL_HELP),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float64 or bfloat16."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or float64 (bfloat16 cannot keep the exact sum)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
-    out: str = typer.Option(None, "--out", help="Also write the tidy table to this CSV file."),
+    threads: int = typer.Option(None, "--threads", help=THREADS_HELP),
+    verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
+    out: str = typer.Option(None, "--out", help="Also write the tidy table to this .csv file."),
 ) -> None:
     """Split one next-token logit exactly into embedding, attention, MLP and bias contributions."""
-    from rich.console import Console
-    from rich.table import Table
-
+    if dtype == "bfloat16":  # refused before loading: its 8-bit mantissa breaks the exact sum
+        fail("--dtype bfloat16 is not offered by decompose: the contributions must sum exactly; use float32 or "
+             "float64")
+    path = None if out is None else check_out(out, ".csv")
     try:
+        from rich.console import Console
+        from rich.table import Table
+
         from streamlens.decomposition import decompose as run_decompose
-        from streamlens.files import write_atomic
+        from streamlens.files import write_outputs
         from streamlens.model import load_model
 
-        loaded = load_model(model, dtype=dtype, device=device)
+        use_threads(threads)
+        loaded = load_model(model, dtype=dtype, device=device, verify=verify)
         parts = run_decompose(loaded, prompt, target=target, contrast=contrast, positions=position)
-        if out:
-            write_atomic(out, parts.to_dataframe().to_csv(index=False))
+        if path is not None:  # one file, one set: replaced whole, never half-written
+            write_outputs(path.parent, {path.name: parts.to_dataframe().to_csv(index=False)}, set_name=path.name)
     except (ValueError, OSError) as error:
         fail(str(error))
     values = parts.contributions[:, 0, 0].tolist()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from streamlens.cli.common import MODEL_HELP, app, fail, parse_ints, progress_bar
+from streamlens.cli.common import (MODEL_HELP, THREADS_HELP, VERIFY_HELP, app, check_at_least, check_out, fail,
+                                   parse_ints, progress_bar, use_threads)
 
 
 @app.command()
@@ -23,27 +24,31 @@ def highway(
     window: int = typer.Option(64, "--window", help="Real model: tokens per text window."),
     n_windows: int = typer.Option(4, "--n-windows", help="Real model: number of text windows in the batch."),
     skip_real: bool = typer.Option(False, "--skip-real", help="Only the toy stacks (no real model)."),
+    threads: int = typer.Option(None, "--threads", help=THREADS_HELP + " The toy stacks always use 1."),
+    verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
     out: str = typer.Option("streamlens-out/highway", "--out", help="Folder for highway.csv, .json and .html."),
 ) -> None:
     """Why residual connections let deep stacks train: gradient norms per layer, toy stacks and SmolLM2."""
     import time
 
     started = time.perf_counter()
+    check_out(out)
+    check_at_least(("--window", window, 2), ("--n-windows", n_windows, 1))
     try:
         from streamlens import highway as hw
-        from streamlens.files import check_out_dir, write_outputs
+        from streamlens.files import write_outputs
         from streamlens.pages import highway as pages
         from streamlens.results import command_line
 
         parsed = parse_ints("--depths", depths)
         config = hw.ToyConfig(depths=tuple(parsed), steps=steps, seed=seed, width=width, lr=lr, norm=norm, init=init)
-        check_out_dir(out)
+        use_threads(threads)
         loaded = tokens = text = None
         removed: list[tuple[int, ...]] = [()]
         if not skip_real:
             from streamlens.model import load_model
 
-            loaded = load_model(model)
+            loaded = load_model(model, verify=verify)
             removed += [hw.parse_layers(spec, loaded.n_layers) for spec in remove_skips]
             tokens, text = hw.highway_tokens(loaded, window, n_windows)
     except (ValueError, OSError) as error:
@@ -52,6 +57,8 @@ def highway(
     command = command_line()
     toy, real = _measure(config, loaded, tokens, removed, text, command)
     seconds = time.perf_counter() - started
+    if not bool(toy.final_loss.isfinite().all()):  # a diverged run is no measurement: say so, write nothing
+        fail(f"training diverged (final loss not finite) with --lr {lr}: try a smaller learning rate, e.g. 1e-3")
     try:
         folder = write_outputs(out, pages.highway_files(toy, real, config, command, seconds))
     except (ValueError, OSError) as error:

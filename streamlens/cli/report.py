@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from streamlens.cli.common import MODEL_HELP, app, fail
+from streamlens.cli.common import MODEL_HELP, THREADS_HELP, VERIFY_HELP, app, fail, use_threads
 
 
 @app.command()
@@ -15,24 +15,32 @@ def report(
     data: str = typer.Option("prompts", "--data", help="What the ablations run on: prompts (built-in prompt set), "
                              "builtin (built-in text), a .txt/.jsonl file or a literal text."),
     out: str = typer.Option("streamlens-out/report.html", "--out", help="The HTML file to write."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float64 or bfloat16."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 or float64 (bfloat16 cannot keep the exact sums "
+                              "the report shows)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
+    threads: int = typer.Option(None, "--threads", help=THREADS_HELP),
+    verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
 ) -> None:
     """Write one self-contained HTML report (plotly.js inside; opens offline) with every standard figure."""
     import time
 
     started = time.perf_counter()
+    if dtype == "bfloat16":  # refused before loading: its 8-bit mantissa breaks the exact sums
+        fail("--dtype bfloat16 is not offered by report: the decomposition must sum exactly; use float32 or float64")
     try:
-        from streamlens.model import load_model
         from streamlens.data import check_source
+        from streamlens.files import write_outputs
+        from streamlens.model import load_model
         from streamlens.pages.html import check_out_path
         from streamlens.pages.report import standard_report
 
         path = check_out_path(out)
         check_source(data)
-        loaded = load_model(model, dtype=dtype, device=device)
+        use_threads(threads)
+        loaded = load_model(model, dtype=dtype, device=device, verify=verify)
         say = lambda line: typer.echo(f"[{time.perf_counter() - started:5.1f} s] {line}", err=True)  # noqa: E731
-        written = standard_report(loaded, prompt=prompt, target=target, data=data, log=say).write(path)
+        page = standard_report(loaded, prompt=prompt, target=target, data=data, log=say).to_html()
+        written = write_outputs(path.parent, {path.name: page}, set_name=path.name) / path.name
     except (ValueError, OSError) as error:
         fail(str(error))
     typer.echo(f"wrote {written} ({written.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")

@@ -212,8 +212,10 @@ class Model:
 
     def check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Validate a [batch, pos] integer tensor of token ids."""
-        if tokens.ndim != 2 or tokens.shape[-1] == 0 or tokens.is_floating_point():
-            raise ValueError(f"tokens must be a non-empty [batch, pos] integer tensor, got shape {tuple(tokens.shape)}")
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.numel() == 0 or tokens.dtype not in (
+                torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):  # bool is not a token id
+            what = f"shape {tuple(tokens.shape)} of {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be a non-empty [batch, pos] integer tensor, got {what}")
         if tokens.shape[-1] > self.info.n_ctx:
             raise ValueError(
                 f"prompt of {tokens.shape[-1]} tokens is longer than the model's context of {self.info.n_ctx} tokens"
@@ -225,10 +227,17 @@ class Model:
 
     def token_id(self, token: str | int) -> int:
         """The id of a single token given as text (e.g. " Paris") or id; errors if it is several."""
+        if isinstance(token, bool) or (hasattr(token, "dtype") and str(token.dtype) in ("bool", "torch.bool")):
+            raise ValueError(f"target {token!r} is a bool: give a token id (0-{self.info.d_vocab - 1}) or its text")
+        if not isinstance(token, (str, int)) and hasattr(token, "__index__") and getattr(token, "ndim", 0) == 0:
+            token = int(token.__index__())  # numpy and torch integer scalars are ids too
         if isinstance(token, int):
             if not 0 <= token < self.info.d_vocab:
                 raise ValueError(f"token id {token} out of range: vocabulary is 0-{self.info.d_vocab - 1}")
             return token
+        if not isinstance(token, str):
+            raise ValueError(f"target {token!r} is a {type(token).__name__}: give a token id (0-"
+                             f"{self.info.d_vocab - 1}) or its text, e.g. ' Paris'")
         ids = self.tokenizer(token, add_special_tokens=False).input_ids
         if len(ids) != 1:
             pieces = [self.tokenizer.decode([i]) for i in ids]

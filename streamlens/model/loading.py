@@ -17,14 +17,16 @@ import copy
 import dataclasses
 import hashlib
 import importlib.util
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
 
+from streamlens.model import cache
 from streamlens.model import fidelity as F
+from streamlens.model.cache import cache_dir, file_hash  # noqa: F401 (public names of streamlens.model)
+from streamlens.model.folders import check_folder
 from streamlens.model.handle import DTYPES, Model, ModelInfo
 
 DEFAULT_MODEL = "smollm2"
@@ -34,16 +36,6 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelLoadError(ValueError):
     """A model name or path that cannot be loaded; the message says what would be valid."""
-
-
-def cache_dir() -> Path:
-    """Where converted GGUF weights are kept: $STREAMLENS_CACHE or the user cache dir."""
-    env = os.environ.get("STREAMLENS_CACHE")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("streamlens"))
 
 
 def default_model_path() -> Path:
@@ -60,17 +52,8 @@ def default_model_path() -> Path:
     return path
 
 
-def file_hash(path: Path) -> str:
-    """sha256 of a file's bytes, hex."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _folder_hash(folder: Path) -> str:
-    files = sorted(p for p in folder.iterdir() if p.suffix in {".safetensors", ".bin", ".pt", ".gguf"})
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors")  # what is loaded, nothing else
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
@@ -84,24 +67,21 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                        trust_remote_code=False)
     except Exception as error:  # transformers raises many types for a bad file
         raise ModelLoadError(f"{gguf} is not a loadable GGUF model: {error}") from error
     config = copy.deepcopy(hf_model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # weights are dequantised float32 now
     config.architectures = [type(hf_model).__name__]  # GGUF configs have none; the bridge needs it
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    save_model(hf_model, str(tmp / "model.safetensors"))
-    (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf)}))
-    tmp.rename(out)  # atomic: a half-written cache is never seen
+    config.save_pretrained(out)  # `out` is the cache's temporary folder: cache.converted renames it
+    tokenizer.save_pretrained(out)
+    save_model(hf_model, str(out / "model.safetensors"))
 
 
-def _resolve(name_or_path: str | None) -> tuple[str, str, Path | str, str | None]:
+def _resolve(name_or_path: str | None, verify: bool = False) -> tuple[str, str, Path | str, str | None]:
     """Return (display name, hub name for the bridge, folder-or-hub-id to load, weights hash)."""
     if name_or_path is None or name_or_path == DEFAULT_MODEL:
         name_or_path = str(default_model_path())
@@ -114,16 +94,18 @@ def _resolve(name_or_path: str | None) -> tuple[str, str, Path | str, str | None
             raise ModelLoadError(f"model file {path} does not exist")
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path} is not a model: expected a .gguf file or an HF model folder")
-        digest = file_hash(path)
-        folder = cache_dir() / "gguf" / digest[:24]
-        if not (folder / "model.safetensors").is_file():
-            _convert_gguf(path, folder)
+        try:
+            entry = cache.converted(path, lambda out: _convert_gguf(path, out), verify=verify)
+        except cache.CacheError as error:
+            raise ModelLoadError(str(error)) from None
         # the bridge reads the family from config.architectures (set from the loaded class), never
-        # from a hub name guessed from the file name
-        return display, str(folder), folder, digest
+        # from a hub name guessed from the file name; the hash is that of the weights loaded
+        return display, str(entry.folder), entry.folder, entry.weights_hash
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} is not a model folder: it has no config.json")
+        try:
+            check_folder(path)  # no auto_map (custom code), no pickle-only weights
+        except ValueError as error:
+            raise ModelLoadError(str(error)) from None
         return display, str(path), path, _folder_hash(path)
     if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path and name_or_path.count("/") > 1:
         raise ModelLoadError(f"model path {name_or_path} does not exist")
@@ -150,6 +132,7 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     strict: bool = True,
+    verify: bool = False,
 ) -> Model:
     """Load a causal LM for streamlens, and check that the bridge computes the model's own logits.
 
@@ -164,12 +147,14 @@ def load_model(
             linear read-out of the final stream (soft-capping), raise `ModelFidelityError`.
             strict=False loads anyway and records the difference in `info.fidelity` and in every
             result's provenance.
+        verify: re-hash every file of a cached GGUF conversion (default: only files whose size or
+            mtime changed); a damaged entry is rebuilt either way.
     """
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     _check_device(device)
     started = time.perf_counter()
-    display, hub_name, source, digest = _resolve(name_or_path)
+    display, hub_name, source, digest = _resolve(name_or_path, verify)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -178,15 +163,17 @@ def load_model(
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars on every load are noise in a CLI
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager")
-    except OSError as error:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager",
+                                                        trust_remote_code=False, use_safetensors=True)  # never unpickle
+    except (OSError, ValueError, KeyError) as error:
+        if isinstance(source, Path) or not isinstance(error, OSError):  # it was found: say why it failed
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ModelLoadError(f"model {display!r} was found but could not be loaded: {first}") from None
         raise ModelLoadError(
             f"unknown model {display!r}: not a local folder, not a .gguf file, and not in the local "
             f"HF cache (no network here). Valid: 'smollm2', a path to a .gguf file or an HF folder."
         ) from error
-    except ValueError as error:  # a config transformers knows but cannot build as a causal LM
-        raise ModelLoadError(f"{display!r} is not a causal LM transformers can load: {error}") from error
     architecture = type(hf_model).__name__
     _check_architecture(display, architecture)
     # The bridge picks its adapter from config.architectures: set it from the class transformers

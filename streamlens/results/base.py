@@ -64,8 +64,10 @@ class Provenance:
 
 
 def command_line() -> str:
-    """The command that is running, for provenance."""
-    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    """The command that is running, for provenance: shell-quoted, so pasting it runs exactly that command."""
+    import shlex
+
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,9 @@ class ToyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} {value!r} out of range: must be a whole number >= {low}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr {self.lr!r} out of range: must be a positive number")
+        if isinstance(self.lr, bool) or not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr)
+                                             and 0 < self.lr <= 1):  # Adam steps above 1 only diverge
+            raise ValueError(f"lr {self.lr!r} out of range: a learning rate is a number in (0, 1]")
         if self.norm not in ("none", "layer"):
             raise ValueError(f"norm {self.norm!r} unknown: choose none or layer")
         if self.init not in ("torch", "he"):

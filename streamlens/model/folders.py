@@ -1,0 +1,45 @@
+"""What a local model folder may hold: no code, no pickles (checked before transformers reads it).
+
+A folder is data, never code: streamlens loads with `trust_remote_code=False`, refuses a config that
+names its own classes (`auto_map`, which would make transformers run the folder's .py files), and
+loads weights only from safetensors (pickle checkpoints can run code when unpickled).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+
+
+class UntrustedFolderError(ValueError):
+    """A model folder that streamlens will not load (custom code, pickle-only weights, a broken config)."""
+
+
+def check_folder(folder: Path) -> None:
+    """Refuse a folder that would run its own code or holds only pickle checkpoints; name what is wrong."""
+    if not (folder / "config.json").is_file():
+        raise UntrustedFolderError(f"{folder} is not a model folder: it has no config.json")
+    for name in _CONFIGS:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise UntrustedFolderError(f"{path} is not readable JSON ({error}): the model folder is broken") from None
+        if not isinstance(config, dict):
+            raise UntrustedFolderError(f"{path} is not a JSON object: the model folder is broken")
+        if "auto_map" in config:
+            raise UntrustedFolderError(
+                f"{path} has an auto_map: the folder asks to run its own Python code, which streamlens never "
+                f"does (trust_remote_code=False). Use a model whose architecture transformers ships.")
+    weights = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors")
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not weights:
+        found = f"only pickle checkpoints ({', '.join(pickles)})" if pickles else "no weights"
+        raise UntrustedFolderError(
+            f"{folder} holds {found}: streamlens loads safetensors or GGUF only (pickles can run code); "
+            f"convert it with safetensors, or pass a .gguf file")
