@@ -23,6 +23,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("metrics", "recording", "decomposition"),     # record, decompose, metrics
     ("ablation",),                                 # spec, options, replace, apply, engine
     ("highway",),                                  # toy, real
+    ("corpus", "sources", "identity", "tunedlens"),  # what the stream carries: windows by text, attention
+                                                   # sources, token identity, the tuned lens
     ("plots",),                                    # figures from results only
     ("pages",),                                    # HTML pages composed from figures
     ("cli", "__main__"),                           # parse -> call -> page -> write
@@ -32,7 +34,9 @@ INNER: dict[str, tuple[str, ...]] = {
     "ablation": ("spec", "options", "replace", "apply", "engine", "__init__"),
     "highway": ("real", "toy", "__init__"),
     "model": ("handle", "loading", "__init__"),
-    "results": ("base", "stream", "ablation", "highway", "__init__"),
+    "results": ("base", "stream", "ablation", "highway", "sources", "identity", "tunedlens", "__init__"),
+    "identity": ("probe", "measure", "__init__"),
+    "tunedlens": ("train", "evaluate", "__init__"),
     "pages": ("html", "ablation", "highway", "report", "__init__"),
 }
 
