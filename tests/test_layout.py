@@ -37,7 +37,7 @@ INNER: dict[str, tuple[str, ...]] = {
     "results": ("base", "stream", "ablation", "highway", "sources", "identity", "tunedlens", "__init__"),
     "identity": ("probe", "measure", "__init__"),
     "tunedlens": ("train", "evaluate", "__init__"),
-    "pages": ("html", "ablation", "highway", "report", "__init__"),
+    "pages": ("html", "ablation", "highway", "carry", "report", "__init__"),
 }
 
 
