@@ -32,3 +32,12 @@ def test_training_lowers_kl_and_repeats_exactly(tiny, tiny_tokens, tmp_path):
     assert torch.equal(back.weight, first.weight) and back.provenance.seed == 3 and back.layer_labels == first.layer_labels
     table = LensComparison.load(compared.save(tmp_path / "c.safetensors")).to_dataframe()
     assert len(table) == 2 * (tiny.n_layers + 1) and (table.kl_low <= table.mean_kl + 1e-12).all()
+
+
+def test_report_takes_a_trained_lens(tiny, tiny_tokens):
+    """The standard report's carry sections: attention sources, identity, and both lenses when a lens is given."""
+    from streamlens.pages.report import _carry_sections
+
+    lens = train_tuned_lens(tiny, tiny_tokens, steps=2, batch_tokens=4)
+    titles = [section.title for section in _carry_sections(tiny, tiny_tokens[:1], None, lens, lambda line: None)]
+    assert len(titles) == 5 and any("tuned lens" in title for title in titles)

@@ -15,7 +15,7 @@ def identity(
     window: int = typer.Option(64, "--window", help="Tokens per window of text."),
     max_per_text: int = typer.Option(None, "--max-per-text", help="Most windows per text (default: all)."),
     remove_skips: str = typer.Option("0,10,20", "--remove-skips", help="Blocks whose skip is removed, one condition "
-                                     "each, e.g. 0,10,20 (none: no counterfactual)."),
+                                     "each, e.g. 0,10,20 or 5-7 (none: no counterfactual)."),
     alpha: float = typer.Option(0.1, "--alpha", help="Ridge penalty per training token (standardised features)."),
     prompt: str = typer.Option("The capital of France is", "--prompt", help="Prompt for the attention-source split."),
     target: str = typer.Option(None, "--target", help="Token whose logit is split, e.g. ' Paris' (default: top)."),
@@ -33,7 +33,7 @@ def identity(
         from streamlens.model import load_model
         from streamlens.pages.carry import identity_files, identity_summary
         from streamlens.results import command_line
-        from streamlens.sites import parse_numbers
+        from streamlens.highway import parse_layers
         from streamlens.sources import attention_sources
 
         check_out_dir(out)
@@ -45,8 +45,7 @@ def identity(
         if len(load_texts(data)) < 2:
             raise ValueError(f"--data {data!r} holds one text: the probe needs at least two (fitted on one, scored on another)")
         loaded = load_model(model)
-        removed = () if remove_skips.strip().lower() == "none" else parse_numbers(remove_skips, "--remove-skips",
-                                                                                    loaded.n_layers)
+        removed = parse_layers(remove_skips, loaded.n_layers)
         tokens = loaded.to_tokens(prompt)
         if target is not None:
             loaded.token_id(target)

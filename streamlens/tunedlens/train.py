@@ -46,7 +46,7 @@ def train_tuned_lens(
     model: Model,
     tokens: torch.Tensor,
     steps: int = 100,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     batch_tokens: int = 32,
     seed: int = 0,
     text: str = "",
