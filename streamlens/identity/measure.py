@@ -66,18 +66,23 @@ def stage_features(model: Model, tokens: torch.Tensor, removed: int | None) -> d
     return {removed + 1: kept[after], model.n_layers: kept[sites.FINAL_STREAM]}
 
 
-def _per_token(model: Model, stream: torch.Tensor, labels: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, ...]:
-    """(log10(1 + rank) through the embedding, cosine with the embedding) for tokens [n] at stream [n, d]."""
+def _read_out(model: Model, stream: torch.Tensor, labels: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, ...]:
+    """(log10(1 + rank) through the embedding, cosine with the embedding), each [target, n], for the
+    labels [target, n] (-1: none, NaN out) of the tokens at stream [n, d_model]: one read-out for all targets."""
     W_E = model.W_E
-    log_ranks, cosines = [], []
+    log_ranks = torch.full(labels.shape, float("nan"), dtype=torch.float64)
+    cosines = log_ranks.clone()
     with torch.inference_mode():
-        for start in range(0, len(labels), chunk):
-            piece, label = stream[start: start + chunk], labels[start: start + chunk]
+        for start in range(0, labels.shape[1], chunk):
+            piece = stream[start: start + chunk]
             scores = model.final_norm(piece) @ W_E.T  # [n, vocab]
-            own = scores.gather(-1, label[:, None])
-            log_ranks.append(torch.log10(1.0 + (scores > own).sum(-1).double()).cpu())
-            cosines.append(torch.nn.functional.cosine_similarity(piece, W_E[label], dim=-1).double().cpu())
-    return torch.cat(log_ranks), torch.cat(cosines)
+            for t, label in enumerate(labels[:, start: start + chunk].to(piece.device)):
+                has = label >= 0
+                own = scores[has].gather(-1, label[has, None])
+                where = torch.arange(start, start + len(label))[has.cpu()]
+                log_ranks[t, where] = torch.log10(1.0 + (scores[has] > own).sum(-1).double()).cpu()
+                cosines[t, where] = torch.nn.functional.cosine_similarity(piece[has], W_E[label[has]], dim=-1).double().cpu()
+    return log_ranks, cosines
 
 
 def _interval(values: torch.Tensor, mask: torch.Tensor, text: torch.Tensor, n_boot: int, seed: int) -> tuple[float, float, float]:
@@ -135,6 +140,7 @@ def token_identity(
     for c, cut in enumerate(conditions):
         for stage, stream in stage_features(model, tokens, cut).items():
             features = flat(stream, "w p d -> (w p) d")
+            log_ranks, cosines = _read_out(model, features, torch.stack([current, previous]))
             for t, labels in enumerate((current, previous)):
                 has = labels >= 0
                 hits = {name: torch.zeros(len(labels), dtype=torch.float64) for name in MEASURES[:3]}
@@ -146,10 +152,7 @@ def token_identity(
                     for name, hit in zip(MEASURES[:3], (top1, top5, majority)):
                         hits[name][test] = hit.double()
                     scorable[test] = ok
-                log_rank = torch.full((len(labels),), float("nan"), dtype=torch.float64)
-                cosine = log_rank.clone()
-                log_rank[has], cosine[has] = _per_token(model, features[has.to(features.device)], labels[has].to(features.device))
-                per_measure = {**hits, "log10_rank": log_rank, "cosine": cosine}
+                per_measure = {**hits, "log10_rank": log_ranks[t], "cosine": cosines[t]}
                 for s, split in enumerate(SPLITS):
                     for m, measure in enumerate(MEASURES):
                         mask = split_masks[split] & (scorable if m < 3 else has)
