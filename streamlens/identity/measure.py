@@ -85,14 +85,16 @@ def _read_out(model: Model, stream: torch.Tensor, labels: torch.Tensor, chunk: i
     return log_ranks, cosines
 
 
-def _interval(values: torch.Tensor, mask: torch.Tensor, text: torch.Tensor, n_boot: int, seed: int) -> tuple[float, float, float]:
-    """Pooled mean of values[mask] and its 95% bootstrap interval over texts."""
-    texts = text.unique()
-    sums = torch.stack([values[mask & (text == t)].sum() for t in texts])
-    counts = torch.stack([(mask & (text == t)).sum().double() for t in texts])
+def _interval(values: torch.Tensor, mask: torch.Tensor, text: torch.Tensor, n_texts: int, picks: torch.Tensor
+              ) -> tuple[float, float, float]:
+    """Pooled mean of values[mask] and its 95% bootstrap interval over texts.
+
+    text: [n] index of each token's text in 0..n_texts-1; picks: [n_boot, n_texts] resampled text indices.
+    """
+    sums = torch.zeros(n_texts, dtype=torch.float64).index_add_(0, text[mask], values[mask])
+    counts = torch.zeros(n_texts, dtype=torch.float64).index_add_(0, text[mask], torch.ones_like(values[mask]))
     if counts.sum() == 0:
         return (float("nan"),) * 3
-    picks = torch.randint(len(texts), (n_boot, len(texts)), generator=torch.Generator().manual_seed(seed))
     boots = sums[picks].sum(-1) / counts[picks].sum(-1).clamp_min(1)
     return float(sums.sum() / counts.sum()), float(boots.quantile(0.025)), float(boots.quantile(0.975))
 
@@ -127,6 +129,8 @@ def token_identity(
     n_windows, n_pos = tokens.shape
     flat = einops.rearrange
     text = flat(windows.text_of[:, None].expand(n_windows, n_pos), "w p -> (w p)")
+    text_index = text.unique(return_inverse=True)[1]  # texts numbered 0..len(texts)-1
+    picks = torch.randint(len(texts), (n_boot, len(texts)), generator=torch.Generator().manual_seed(seed))
     starts = flat(word_starts(model, tokens.cpu()), "w p -> (w p)")
     current = flat(tokens.cpu(), "w p -> (w p)")
     previous = torch.full_like(tokens.cpu(), -1)
@@ -157,7 +161,7 @@ def token_identity(
                     for m, measure in enumerate(MEASURES):
                         mask = split_masks[split] & (scorable if m < 3 else has)
                         value[c, t, s, stage, m], low[c, t, s, stage, m], high[c, t, s, stage, m] = _interval(
-                            per_measure[measure].nan_to_num(0.0), mask, text, n_boot, seed)
+                            per_measure[measure].nan_to_num(0.0), mask, text_index, len(texts), picks)
                     if c == 0 and stage == 0:
                         n_tokens[t, s] = float((split_masks[split] & scorable).sum())
         if on_condition is not None:
