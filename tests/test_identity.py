@@ -64,6 +64,10 @@ def test_token_identity_result(tiny, tmp_path):
     back = TokenIdentity.load(result.save(tmp_path / "identity.safetensors"))
     assert torch.equal(back.value.nan_to_num(-1), result.value.nan_to_num(-1)) and back.conditions == result.conditions
     assert set(result.to_dataframe().measure) == set(result.measures)
+    from streamlens.plots import carry
+
+    for figure in (carry.identity_curves(result), carry.identity_splits(result), carry.skip_removed(result)):
+        assert figure.data
 
 
 def test_word_starts(tiny):

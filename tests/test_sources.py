@@ -61,3 +61,12 @@ def test_save_load_and_table(tiny, tiny_tokens, tmp_path):
 def test_bad_position(tiny, tiny_tokens):
     with pytest.raises(ValueError, match="position 9 out of range"):
         attention_sources(tiny, tiny_tokens[:1], position=9)
+
+
+def test_figures_draw_from_the_result(tiny, tiny_tokens):
+    from streamlens.plots import carry
+
+    split = attention_sources(tiny, tiny_tokens[:1], position=5)
+    heatmap = carry.source_heatmap(split)
+    assert len(heatmap.data[0].x) == 6  # sources up to the destination only
+    assert len(carry.source_norms(split).data) == 4
