@@ -35,9 +35,9 @@ def train(
     model: str = typer.Option(None, "--model", help=MODEL_HELP),
     data: str = typer.Option(None, "--data", help="Training texts: builtin (default; split into train and held out), "
                              "a .txt/.jsonl file or a literal text."),
-    steps: int = typer.Option(100, "--steps", help="Adam updates."),
+    steps: int = typer.Option(80, "--steps", help="Adam updates."),
     lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate."),
-    batch_tokens: int = typer.Option(32, "--batch-tokens", help="Tokens per update (each trains every layer)."),
+    batch_tokens: int = typer.Option(24, "--batch-tokens", help="Tokens per update (each trains every layer)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the mini-batch order."),
     window: int = typer.Option(64, "--window", help="Tokens per window of text."),
     hold_out_every: int = typer.Option(5, "--hold-out-every", help=HOLD_OUT_HELP),

@@ -45,9 +45,9 @@ def kl_from_final(final_logprobs: torch.Tensor, lens_logprobs: torch.Tensor) -> 
 def train_tuned_lens(
     model: Model,
     tokens: torch.Tensor,
-    steps: int = 100,
+    steps: int = 80,
     lr: float = 3e-3,
-    batch_tokens: int = 32,
+    batch_tokens: int = 24,
     seed: int = 0,
     text: str = "",
     command: str | None = None,
