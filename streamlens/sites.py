@@ -49,6 +49,16 @@ def attn_z(layer: int) -> str:
     return f"blocks.{layer}.attn.hook_z"
 
 
+def attn_pattern(layer: int) -> str:
+    """Attention pattern of `layer` after the softmax, [batch, head, dst_pos, src_pos]."""
+    return f"blocks.{layer}.attn.hook_pattern"
+
+
+def attn_v(layer: int) -> str:
+    """Attention values of `layer`, [batch, src_pos, kv_head, d_head] (kv_head < head with grouped queries)."""
+    return f"blocks.{layer}.attn.hook_v"
+
+
 @dataclass(frozen=True, order=True)
 class Site:
     """One writer into the residual stream.

@@ -24,6 +24,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ablation",),                                 # spec, options, replace, apply, engine
     ("highway",),                                  # toy, real
     ("exactness",),                                # streamlens check: is streamlens exact on a model
+    ("corpus", "sources", "identity", "tunedlens"),  # what the stream carries: windows by text, attention
+                                                   # sources, token identity, the tuned lens
     ("plots",),                                    # figures from results only
     ("pages",),                                    # HTML pages composed from figures
     ("cli", "__main__"),                           # parse -> call -> page -> write
@@ -33,8 +35,10 @@ INNER: dict[str, tuple[str, ...]] = {
     "ablation": ("spec", "options", "replace", "apply", "engine", "__init__"),
     "highway": ("real", "toy", "__init__"),
     "model": ("fidelity", "handle", "cache", "folders", "loading", "__init__"),
-    "results": ("base", "stream", "ablation", "highway", "check", "__init__"),
-    "pages": ("html", "ablation", "highway", "report", "__init__"),
+    "results": ("base", "stream", "ablation", "highway", "check", "sources", "identity", "tunedlens", "__init__"),
+    "identity": ("probe", "measure", "__init__"),
+    "tunedlens": ("train", "evaluate", "__init__"),
+    "pages": ("html", "ablation", "highway", "carry", "report", "__init__"),
 }
 
 

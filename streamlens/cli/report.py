@@ -20,6 +20,8 @@ def report(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
     threads: int = typer.Option(None, "--threads", help=THREADS_HELP),
     verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
+    lens: str = typer.Option(None, "--lens", help="A lens.safetensors from `streamlens lens train`: adds logit vs "
+                             "tuned lens figures."),
 ) -> None:
     """Write one self-contained HTML report (plotly.js inside; opens offline) with every standard figure."""
     import time
@@ -36,10 +38,18 @@ def report(
 
         path = check_out_path(out)
         check_source(data)
+        trained = None
+        if lens is not None:
+            from streamlens.results.tunedlens import TunedLens
+
+            try:
+                trained = TunedLens.load(lens)
+            except Exception as error:  # a missing file or one that is not a lens: say which
+                raise ValueError(f"--lens {lens} is not a tuned lens from `streamlens lens train` ({error})") from None
         use_threads(threads)
         loaded = load_model(model, dtype=dtype, device=device, verify=verify)
         say = lambda line: typer.echo(f"[{time.perf_counter() - started:5.1f} s] {line}", err=True)  # noqa: E731
-        page = standard_report(loaded, prompt=prompt, target=target, data=data, log=say).to_html()
+        page = standard_report(loaded, prompt=prompt, target=target, data=data, log=say, lens=trained).to_html()
         written = write_outputs(path.parent, {path.name: page}, set_name=path.name) / path.name
     except (ValueError, OSError) as error:
         fail(str(error))

@@ -126,6 +126,19 @@ class Model:
 
     # ----- weights -----------------------------------------------------------------------------
     @property
+    def W_E(self) -> torch.Tensor:
+        """Token embedding matrix, shape [d_vocab, d_model]."""
+        return self._bridge.W_E
+
+    def values_per_head(self, v: torch.Tensor) -> torch.Tensor:
+        """The value vectors each query head reads, [..., kv_head, d_head] -> [..., head, d_head].
+
+        With grouped-query attention (HF `repeat_kv`) query head h reads kv head h // (n_heads // n_kv_heads).
+        """
+        groups = self.n_heads // v.shape[-2]
+        return v if groups == 1 else v.repeat_interleave(groups, dim=-2)
+
+    @property
     def W_U(self) -> torch.Tensor:
         """Unembedding, shape [d_model, d_vocab]."""
         return self._bridge.W_U

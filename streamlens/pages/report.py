@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from streamlens.data import TokenBatch
     from streamlens.model import Model
+    from streamlens.results.tunedlens import TunedLens
 
 DEFAULT_PROMPT = "The capital of France is"
 DEFAULT_DATA = "prompts"  # the built-in prompt/target set: short prompts keep the ablations quick
@@ -32,6 +33,7 @@ def standard_report(
     target: str | None = None,
     data: str | None = DEFAULT_DATA,
     log: Callable[[str], None] | None = None,
+    lens: "TunedLens | None" = None,
 ) -> Report:
     """Run the standard analyses on `model` and compose their figures.
 
@@ -42,6 +44,7 @@ def standard_report(
         data: what the ablations are measured on (any `streamlens.data` source: "prompts", the
             built-in prompt set scored at each prompt's last token; "builtin" text; a file; a text).
         log: called with a short line as each analysis starts (progress on the command line).
+        lens: a trained tuned lens (`streamlens lens train`): adds logit-vs-tuned lens figures on the prompt.
     """
     from streamlens import data as D
 
@@ -51,10 +54,15 @@ def standard_report(
     tokens = model.to_tokens(prompt)
     if target is not None:
         model.token_id(target)
+    if lens is not None:
+        from streamlens.tunedlens import check_lens
+
+        check_lens(model, lens)
     # text windows are kept short so the report stays a quick overview (`streamlens ablate` goes further)
     batch = D.load_batch(model, data, window=32, max_windows=8)
     say(f"decomposing {prompt!r}")
     prompt_sections, explained = _prompt_sections(model, tokens, target)
+    carry_sections = _carry_sections(model, tokens, target, lens, say)
     ablation_sections, batch_description = _ablation_sections(model, batch, say)
     provenance = Provenance.of(model, command_line())
     info = model.info
@@ -71,7 +79,7 @@ def standard_report(
                  f"torch {provenance.versions.get('torch')}, in {time.perf_counter() - started:.0f} s"),
     )
     return Report(title=f"streamlens report: {info.name}", facts=facts,
-                  sections=(*prompt_sections, *ablation_sections))
+                  sections=(*prompt_sections, *carry_sections, *ablation_sections))
 
 
 def _prompt_sections(model: "Model", tokens: "torch.Tensor", target: str | None) -> tuple[list[Section], str]:
@@ -127,6 +135,26 @@ def _prompt_sections(model: "Model", tokens: "torch.Tensor", target: str | None)
             "zero after the last block by construction."), lens_plots.kl_to_final(lens)),
     ]
     return sections, explained
+
+
+def _carry_sections(model: "Model", tokens: "torch.Tensor", target: str | None, lens: "TunedLens | None",
+                    say: Callable[[str], None]) -> list[Section]:
+    """What the stream carries: attention sources of the prompt's answer, token identity on short built-in
+    windows (one per text, no counterfactual), and with a trained lens, logit vs tuned lens on the prompt."""
+    from streamlens.corpus import text_windows
+    from streamlens.identity import token_identity
+    from streamlens.pages import carry
+    from streamlens.sources import attention_sources
+
+    say("splitting attention by source position; token identity on short built-in windows")
+    sections = carry.sources_sections(attention_sources(model, tokens, target))
+    identity = token_identity(model, text_windows(model, None, window=32, max_per_text=1), n_boot=200)
+    sections.append(carry.identity_sections(identity)[0])
+    if lens is not None:
+        from streamlens.tunedlens import compare_lenses
+
+        sections += carry.lens_sections(compare_lenses(model, tokens, lens, text="the prompt"))
+    return sections
 
 
 def _ablation_sections(model: "Model", batch: "TokenBatch", say: Callable[[str], None]) -> tuple[list[Section], str]:

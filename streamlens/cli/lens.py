@@ -1,0 +1,138 @@
+"""`streamlens lens train` / `streamlens lens eval`: the tuned lens, trained and read next to the logit lens."""
+
+from __future__ import annotations
+
+import typer
+
+from streamlens.cli.common import MODEL_HELP, app, fail, progress_bar
+
+lens_app = typer.Typer(help="The tuned lens: train affine translators per layer; compare with the logit lens.",
+                       no_args_is_help=True)
+app.add_typer(lens_app, name="lens")
+
+HOLD_OUT_HELP = "Every n-th built-in text is held out for evaluation (the rest train)."
+
+
+def _windows(loaded, data, window, hold_out_every, part):
+    """(train or held-out windows, description) of the data: the built-in texts are split; other data is used whole."""
+    from streamlens.corpus import text_windows
+
+    windows = text_windows(loaded, data, window)
+    if data is not None and data != "builtin":
+        return windows
+    train, held = windows.split(hold_out_every)
+    return train if part == "train" else held
+
+
+def _report(comparison) -> None:
+    kl = comparison.mean_kl()
+    for stage, label in enumerate(comparison.layer_labels):
+        typer.echo(f"after {label:>5}: mean KL logit lens {float(kl[0, stage]):8.3f}  tuned lens {float(kl[1, stage]):8.3f}")
+
+
+@lens_app.command("train")
+def train(
+    model: str = typer.Option(None, "--model", help=MODEL_HELP),
+    data: str = typer.Option(None, "--data", help="Training texts: builtin (default; split into train and held out), "
+                             "a .txt/.jsonl file or a literal text."),
+    steps: int = typer.Option(80, "--steps", help="Adam updates."),
+    lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate."),
+    batch_tokens: int = typer.Option(24, "--batch-tokens", help="Tokens per update (each trains every layer)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the mini-batch order."),
+    window: int = typer.Option(64, "--window", help="Tokens per window of text."),
+    hold_out_every: int = typer.Option(5, "--hold-out-every", help=HOLD_OUT_HELP),
+    out: str = typer.Option("streamlens-out/lens", "--out", help="Folder for lens.safetensors, lens_train.csv/.json/.html."),
+) -> None:
+    """Train a tuned lens (identity-initialised affine translator per layer) and compare it with the logit lens."""
+    import time
+
+    started = time.perf_counter()
+    try:
+        from streamlens.files import check_out_dir, write_outputs
+        from streamlens.model import load_model
+        from streamlens.pages.carry import lens_files
+        from streamlens.results import command_line
+        from streamlens.tunedlens import compare_lenses, train_tuned_lens
+
+        check_out_dir(out)
+        for option, value, low in (("--steps", steps, 1), ("--batch-tokens", batch_tokens, 1), ("--seed", seed, 0),
+                                   ("--hold-out-every", hold_out_every, 2), ("--window", window, 2)):
+            if value < low:
+                raise ValueError(f"{option} {value} out of range: must be at least {low}")
+        if not lr > 0:
+            raise ValueError(f"--lr {lr} out of range: must be a positive number")
+        loaded = load_model(model)
+        trained_on = _windows(loaded, data, window, hold_out_every, "train")
+        held = _windows(loaded, data, window, hold_out_every, "held") if data in (None, "builtin") else None
+    except (ValueError, OSError) as error:
+        fail(str(error))
+
+    command = command_line()
+    with progress_bar(transient=False) as progress:
+        task = progress.add_task(f"{loaded.info.name}: tuned lens steps", total=steps)
+        lens = train_tuned_lens(loaded, trained_on.tokens, steps=steps, lr=lr, batch_tokens=batch_tokens, seed=seed,
+                                text=trained_on.description + " (training texts)", command=command,
+                                on_step=lambda step, loss: progress.update(task, advance=1,
+                                                                           description=f"tuned lens: loss {loss:.2f}"))
+    evaluated = held if held is not None else trained_on
+    comparison = compare_lenses(loaded, evaluated.tokens, lens, evaluated.text_of,
+                                text=evaluated.description + (" (held-out texts)" if held is not None else
+                                                              " (training texts: no held-out split for --data)"),
+                                command=command)
+    seconds = time.perf_counter() - started
+    try:
+        folder = write_outputs(out, lens_files(comparison, lens, command, seconds, "lens_train"))
+    except (ValueError, OSError) as error:
+        fail(str(error))
+    _report(comparison)
+    typer.echo(f"trained in {lens.seconds:.1f} s on {lens.threads} threads; wrote {folder}/lens.safetensors, "
+               f"lens_train.csv, lens_train.json, lens_train.html in {seconds:.1f} s")
+
+
+@lens_app.command("eval")
+def evaluate(
+    lens_path: str = typer.Option(..., "--lens", help="A lens.safetensors written by `streamlens lens train`."),
+    model: str = typer.Option(None, "--model", help=MODEL_HELP),
+    data: str = typer.Option(None, "--data", help="builtin (default: its held-out texts), a .txt/.jsonl file or a "
+                             "literal text (used whole)."),
+    window: int = typer.Option(64, "--window", help="Tokens per window of text."),
+    hold_out_every: int = typer.Option(5, "--hold-out-every", help=HOLD_OUT_HELP),
+    out: str = typer.Option("streamlens-out/lens", "--out", help="Folder for lens_eval.csv, .json and .html."),
+) -> None:
+    """KL to the model's output and rank of its top token per layer: logit lens vs a trained tuned lens."""
+    import time
+    from pathlib import Path
+
+    started = time.perf_counter()
+    try:
+        from streamlens.files import check_out_dir, write_outputs
+        from streamlens.model import load_model
+        from streamlens.pages.carry import lens_files
+        from streamlens.results import command_line
+        from streamlens.tunedlens import TunedLens, check_lens, compare_lenses
+
+        check_out_dir(out)
+        if not Path(lens_path).is_file():
+            raise ValueError(f"--lens {lens_path} is not a file: give a lens.safetensors from `streamlens lens train`")
+        try:
+            lens = TunedLens.load(lens_path)
+        except Exception as error:  # safetensors raises its own errors for a file that is not one of ours
+            raise ValueError(f"--lens {lens_path} is not a tuned lens ({error})") from None
+        loaded = load_model(model)
+        check_lens(loaded, lens)
+        windows = _windows(loaded, data, window, hold_out_every, "held")
+    except (ValueError, OSError) as error:
+        fail(str(error))
+
+    command = command_line()
+    with progress_bar() as progress:
+        progress.add_task(f"{loaded.info.name}: reading both lenses", total=None)
+        comparison = compare_lenses(loaded, windows.tokens, lens, windows.text_of, text=windows.description,
+                                    command=command)
+    seconds = time.perf_counter() - started
+    try:
+        folder = write_outputs(out, lens_files(comparison, None, command, seconds, "lens_eval"))
+    except (ValueError, OSError) as error:
+        fail(str(error))
+    _report(comparison)
+    typer.echo(f"wrote {folder}/lens_eval.csv, lens_eval.json, lens_eval.html in {seconds:.1f} s")

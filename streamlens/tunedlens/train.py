@@ -1,0 +1,106 @@
+"""Training the tuned lens (Belrose et al. 2023): one affine translator per layer, identity-initialised.
+
+For the stream h_s at stage s (0 = embeddings, s = after block s - 1) the translator is
+T_s(h) = h + h @ A_s + b_s with A_s = 0, b_s = 0 at the start, so training starts from the logit lens.
+The loss is the sum over stages of the mean KL(final || lens_s) over a mini-batch of tokens, where
+lens_s = log_softmax(final_norm(T_s(h_s)) @ W_U + b_U) and final is the model's own output. The model
+is frozen: its streams are recorded once and only the translators learn (Adam).
+
+Reproducible: the mini-batches come from a generator seeded with `seed`; with the same seed, data,
+thread count and torch build the weights are bit-identical.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import einops
+import torch
+
+from streamlens.model import Model
+from streamlens.recording import record
+from streamlens.results import Provenance, command_line
+from streamlens.results.tunedlens import TunedLens
+
+
+def stage_streams(model: Model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Streams at every stage, flattened over tokens: ([stage, token, d_model], final [token, d_model]).
+
+    Stage 0 is the embeddings, stage s the stream after block s - 1 (s < n_layers); final is the stream
+    after the last block (before the final norm).
+    """
+    writes = record(model, tokens)
+    stages = [writes.stream(None if stage == 0 else stage - 1) for stage in range(model.n_layers)]
+    flat = einops.rearrange(torch.stack(stages), "stage batch pos d_model -> stage (batch pos) d_model")
+    final = einops.rearrange(writes.final, "batch pos d_model -> (batch pos) d_model")
+    return flat.clone(), final.clone()  # clones are ordinary tensors that autograd may save
+
+
+def kl_from_final(final_logprobs: torch.Tensor, lens_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(final || lens) per token, [..., vocab] x2 -> [...] (nats)."""
+    return (final_logprobs.exp() * (final_logprobs - lens_logprobs)).sum(-1)
+
+
+def train_tuned_lens(
+    model: Model,
+    tokens: torch.Tensor,
+    steps: int = 80,
+    lr: float = 3e-3,
+    batch_tokens: int = 24,
+    seed: int = 0,
+    text: str = "",
+    command: str | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TunedLens:
+    """Train one translator per stage on `tokens` [batch, pos] (every position is a training token).
+
+    Args:
+        steps: Adam updates; each sees `batch_tokens` tokens, the same tokens at every stage.
+        lr: Adam learning rate.
+        seed: seeds the order of the mini-batches.
+        on_step: called with (step, loss) after every update (progress bars).
+    """
+    model.check_tokens(tokens)
+    for name, value, low in (("steps", steps, 0), ("batch_tokens", batch_tokens, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} {value!r} out of range: must be a whole number >= {low}")
+    if not (lr > 0):
+        raise ValueError(f"lr {lr!r} out of range: must be a positive number")
+    started = time.perf_counter()
+    streams, final = stage_streams(model, tokens)
+    n_stages, n_tokens, d_model = streams.shape
+    weight = torch.zeros(n_stages, d_model, d_model, dtype=streams.dtype, device=streams.device, requires_grad=True)
+    bias = torch.zeros(n_stages, d_model, dtype=streams.dtype, device=streams.device, requires_grad=True)
+    optimiser = torch.optim.Adam([weight, bias], lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_tokens, generator=generator)
+    cursor, losses = 0, []
+    for step in range(steps):
+        if cursor + batch_tokens > n_tokens:  # a new pass over the tokens, in a new order
+            order, cursor = torch.randperm(n_tokens, generator=generator), 0
+        chosen = order[cursor: cursor + batch_tokens].to(streams.device)
+        cursor += batch_tokens
+        with torch.no_grad():
+            final_logprobs = model.final_logits(final[chosen]).log_softmax(-1)
+        optimiser.zero_grad(set_to_none=False)
+        total = 0.0
+        with torch.enable_grad():
+            for stage in range(n_stages):  # one stage at a time: only one [batch, vocab] graph alive
+                stream = streams[stage, chosen]
+                translated = stream + stream @ weight[stage] + bias[stage]
+                loss = kl_from_final(final_logprobs, model.final_logits(translated).log_softmax(-1)).mean()
+                loss.backward()
+                total += float(loss.detach())
+        optimiser.step()
+        losses.append(total)
+        if on_step is not None:
+            on_step(step, total)
+    return TunedLens(
+        provenance=Provenance.of(model, command or command_line(), seed),
+        weight=weight.detach().cpu(), bias=bias.detach().cpu(),
+        layer_labels=("embed", *(str(layer) for layer in range(model.n_layers))),
+        steps=steps, lr=float(lr), batch_tokens=batch_tokens, seed=seed, text=text, n_tokens=n_tokens,
+        seconds=time.perf_counter() - started, threads=torch.get_num_threads(),
+        train_loss=torch.tensor(losses, dtype=torch.float64),
+    )
