@@ -42,6 +42,7 @@ class Provenance:
     seed: int | None = None
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
+    backend: str = "in-process"  # or e.g. "ray: 2 workers on cpu" (streamlens.ablation.backends)
 
     @staticmethod
     def of(model: "Model", command: str, seed: int | None = None) -> "Provenance":
