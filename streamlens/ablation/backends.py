@@ -138,7 +138,8 @@ class Checkpoint:
     """Finished shards of one run, one file each, in `folder`; refuses a folder of another run.
 
     `identity` names the run (model, weights hash, data digest and the settings that change the
-    numbers); `identity.json` in the folder holds the identity of the run that made it. Inside,
+    numbers); `identity.json` in the folder holds the identity of the run that made it (written
+    with the first finished shard, so a run that fails before any work leaves nothing). Inside,
     each call of the run (one sweep, one greedy step) has a subfolder named by its `section_key`.
     """
 
@@ -154,9 +155,7 @@ class Checkpoint:
                              for key in differ[:4])
             raise CheckpointMismatch(f"checkpoint {self.folder} was made by another run ({said}): remove it to start "
                                      f"over, or choose another output folder")
-        if stored is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.folder / self.IDENTITY, json.dumps(self.identity, indent=1, sort_keys=True) + "\n")
+        self._claimed = stored is not None  # the folder is written only once a shard is done
 
     @classmethod
     def for_run(cls, folder: str | os.PathLike[str], model: Model, batch: TokenBatch, **settings: Any) -> "Checkpoint":
@@ -205,6 +204,10 @@ class Checkpoint:
     def save(self, key: str, shard: Shard, values: torch.Tensor, clean_loss: torch.Tensor) -> None:
         from safetensors.torch import save
 
+        if not self._claimed:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.folder / self.IDENTITY, json.dumps(self.identity, indent=1, sort_keys=True) + "\n")
+            self._claimed = True
         section = self.folder / key[:32]
         section.mkdir(parents=True, exist_ok=True)
         values, clean_loss = values.contiguous(), clean_loss.contiguous()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from streamlens.cli import backend as B
 from streamlens.cli.common import MODEL_HELP, check_choice, parse_ints, progress_bar, app, fail
 
 
@@ -55,13 +56,17 @@ def ablate(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float64 or bfloat16."),
     seed: int = typer.Option(0, "--seed", help="Seeds the resample donors and the bootstrap."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Most sequences in one forward (texts x variants)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Most sequences in one forward (texts x variants; "
+                                   "default 16, or chosen from free memory with --device cuda)."),
     window: int = typer.Option(64, "--window", help="Tokens per window of text."),
     max_windows: int = typer.Option(16, "--max-windows", help="Most windows (taken round-robin over the texts)."),
     n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates for the 95% CIs (over texts)."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice; 1 is often "
                                 "faster on a busy shared machine)."),
     out: str = typer.Option("streamlens-out", "--out", help="Folder for ablation.csv, ablation.json, ablation.html."),
+    workers: int = B.WORKERS,
+    ray_address: str = B.RAY_ADDRESS,
+    checkpoint: bool = B.CHECKPOINT,
 ) -> None:
     """Remove each block, sublayer or head in turn and measure the damage, with 95% bootstrap CIs."""
     import time
@@ -75,11 +80,11 @@ def ablate(
     check_choice("--cumulative", cumulative, ("none", *A.CUMULATIVE_MODES))
     layer_list, head_list = parse_ints("--layers", layers), parse_ints("--heads", heads)
     metric_list = None if metrics is None else [name.strip() for name in metrics.split(",") if name.strip()]
-    for option, value, least in (("--batch-size", batch_size, 1), ("--bootstrap", n_boot, 1),
+    for option, value, least in (("--batch-size", 1 if batch_size is None else batch_size, 1), ("--bootstrap", n_boot, 1),
                                  ("--threads", 1 if threads is None else threads, 1)):
         if value < least:
             fail(f"{option} {value} must be at least {least}")
-    options = A.EvalOptions(metrics=metric_list, seed=seed, batch_size=batch_size, n_boot=n_boot, threads=threads)
+    on_ray = B.check_backend_options(workers, ray_address, device)
     from rich.console import Console
 
     from streamlens.files import check_out_dir, write_outputs
@@ -90,37 +95,50 @@ def ablate(
     except ValueError as error:
         fail(str(error))
 
+    ray = B.connect(workers, ray_address, device, threads) if on_ray else None
     try:
         from streamlens import data as D
         from streamlens.model import load_model
         from streamlens.results import command_line
 
         D.check_source(data)
-        loaded = load_model(model, dtype=dtype, device=device)
+        loaded = load_model(model, dtype=dtype, device="cpu" if on_ray else device)  # on Ray the workers compute
         batch = D.load_batch(loaded, data, window=window, max_windows=max_windows, positions=positions)
+        A.units(loaded, unit, layer_list, head_list)  # layer and head ranges: checked before any work
+        if batch_size is None:  # resuming keeps the unfinished run's; else 16, or what fits on the GPU
+            batch_size = (checkpoint and B.stored_batch_size(out)) or B.choose_batch_size(ray, loaded, batch, device)
+        options = A.EvalOptions(metrics=metric_list, seed=seed, batch_size=batch_size, n_boot=n_boot, threads=threads)
+        identity = {"unit": unit, "method": method, "effect": effect, "cumulative": cumulative, "layers": layers,
+                    "heads": heads, "metrics": metrics, "seed": seed, "batch_size": batch_size}
+        backend, saved = B.backend_for(ray, checkpoint, out, loaded, batch, identity)
         command = command_line()
         results, curve = _sweeps(loaded, batch, unit, method, effects, layer_list, head_list, cumulative, options,
-                                 command, Console(stderr=True))
+                                 command, Console(stderr=True), backend)
     except (ValueError, OSError) as error:
         fail(str(error))
+    finally:
+        if ray is not None:
+            ray.close()
     main_result = results[effects[-1]]
 
     settings = {"command": command, "unit": unit, "method": method, "effect": effect, "cumulative": cumulative,
                 "positions": positions, "layers": layers or "all", "heads": heads or ("all" if unit == "head" else None),
                 "window": window, "max_windows": max_windows, "batch_size": batch_size, "bootstrap": n_boot,
-                "seed": seed}
+                "seed": seed, "backend": main_result.provenance.backend}
     try:
         files = ablation_files(results, curve, batch, loaded, settings, time.perf_counter() - started)
         folder = write_outputs(out, files)
     except (ValueError, OSError) as error:
         fail(str(error))
+    if saved is not None:
+        saved.remove()  # the outputs are written: nothing left to resume
     seconds = time.perf_counter() - started
 
     Console().print(damage_table(main_result, f"Removing one {unit} at a time ({method}, {effects[-1]} effect)"))
     typer.echo(f"wrote {', '.join(files)} to {folder} in {seconds:.1f} s")
 
 
-def _sweeps(model, batch, unit, method, effects, layers, heads, cumulative, options, command, console):
+def _sweeps(model, batch, unit, method, effects, layers, heads, cumulative, options, command, console, backend=None):
     """The sweep for each effect (and the cumulative curve) under one progress bar: (results, curve)."""
     from streamlens import ablation as A
 
@@ -133,10 +151,10 @@ def _sweeps(model, batch, unit, method, effects, layers, heads, cumulative, opti
         task = bar.add_task(f"ablating {len(sites_list)} {unit} units", total=total)
         advance = lambda n: bar.advance(task, n)  # noqa: E731
         results = {name: A.sweep(model, batch, unit, method, name, layers, heads, options, progress=advance,
-                                 command=command) for name in effects}
+                                 command=command, backend=backend) for name in effects}
         curve = None
         if cumulative != "none":
             ranked = [sites_list[i] for i in A.by_damage(results[effects[-1]])]
             curve = A.cumulative(model, batch, ranked, cumulative, method, effects[-1], options, progress=advance,
-                                 command=command)
+                                 command=command, backend=backend)
     return results, curve
