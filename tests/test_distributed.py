@@ -65,7 +65,8 @@ def cluster():
     """One local Ray cluster for the module; yields its address for commands that join it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 << 20)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 << 20,
+             _system_config={"worker_niceness": 0})  # as RayBackend's own local cluster
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

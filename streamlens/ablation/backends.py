@@ -333,8 +333,9 @@ class RayBackend:
             pass
         elif self.address is None:
             workers = self.workers or 1
+            # the workers are the job (the driver waits): normal priority, not Ray's default niceness 15
             ray.init(num_cpus=max(workers * self.threads, os.cpu_count() or 1), include_dashboard=False,
-                     log_to_driver=False, logging_level=logging.WARNING)
+                     log_to_driver=False, logging_level=logging.WARNING, _system_config={"worker_niceness": 0})
             self._started_cluster = True
         else:
             try:
