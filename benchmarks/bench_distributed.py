@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", default="1,2", help="in-process torch threads to time (2 threads crawl when "
+                        "another process holds a core: use 1 on a busy shared machine)")
     args = parser.parse_args()
 
     import ray
@@ -61,7 +63,8 @@ def main() -> None:
     batch = load_batch(model, None, window=args.window, max_windows=args.windows)
     options = A.EvalOptions(batch_size=args.windows, n_boot=200)
     sweep = lambda **kw: A.sweep(model, batch, args.unit, "zero", "total", options=options, **kw)  # noqa: E731
-    print(f"{model.info.name}: {args.unit} sweep, zero, total effect, {batch.n_texts} windows x {args.window} tokens")
+    print(f"{model.info.name}: {args.unit} sweep, zero, total effect, {batch.n_texts} windows x {args.window} tokens",
+          flush=True)
 
     # 4 logical CPUs on the 2 cores: the 1-worker and the 2-worker sets stay up together (idle ones use no CPU)
     cluster = timed(lambda: ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
@@ -71,20 +74,18 @@ def main() -> None:
         backends[workers] = A.RayBackend(workers=workers)
         start[workers] = timed(lambda: backends[workers].start(model))
     first = {workers: timed(lambda: sweep(backend=backends[workers])) for workers in (1, 2)}
+    print(f"cluster {cluster:.1f} s, workers {start}, first sweeps {first}", flush=True)
 
-    runs = {
-        "in-process, 1 thread": lambda: A.sweep(model, batch, args.unit, "zero", "total",
-                                                options=A.EvalOptions.of(options, threads=1)),
-        "in-process, 2 threads": lambda: A.sweep(model, batch, args.unit, "zero", "total",
-                                                 options=A.EvalOptions.of(options, threads=2)),
-        "ray, 1 worker": lambda: sweep(backend=backends[1]),
-        "ray, 2 workers": lambda: sweep(backend=backends[2]),
-    }
+    runs = {f"in-process, {n} thread{'s' if n > 1 else ''}": lambda n=n: A.sweep(
+        model, batch, args.unit, "zero", "total", options=A.EvalOptions.of(options, threads=n))
+        for n in sorted({1, *(int(item) for item in args.threads.split(","))})}
+    runs |= {"ray, 1 worker": lambda: sweep(backend=backends[1]), "ray, 2 workers": lambda: sweep(backend=backends[2])}
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for round_index in range(args.repeats):
         for name in names[round_index % len(names):] + names[: round_index % len(names)]:
             seconds[name].append(timed(runs[name]))
+            print(f"  round {round_index + 1}: {name} {seconds[name][-1]:.2f} s", flush=True)
     median = {name: statistics.median(values) for name, values in seconds.items()}
     base = median["in-process, 1 thread"]
     print(f"\nwarm sweep, median of {args.repeats} (wall s; time ratio to in-process 1 thread; speed-up):")
