@@ -27,12 +27,14 @@ no forward at all; variants that restart at the same layer share one forward (`b
 
 Modules, each importing only those before it: `spec` (what an ablation is), `options`
 (`EvalOptions`), `replace` (the zero | mean | resample switch and the clean captures it needs),
-`apply` (hooks and the `ablated` context manager), `engine` (fast evaluation, sweeps), `backends`
-(the same evaluations in shards: in this process or on Ray workers, resumable from a checkpoint).
+`apply` (hooks and the `ablated` context manager), `engine` (fast evaluation, sweeps), `checkpoint`
+(shards of a call, and the files that let a killed run resume), `backends` (the shards in this
+process or on Ray workers).
 """
 
 from streamlens.ablation.apply import ablated
-from streamlens.ablation.backends import Checkpoint, CheckpointMismatch, LocalBackend, RayBackend
+from streamlens.ablation.backends import LocalBackend, RayBackend
+from streamlens.ablation.checkpoint import Checkpoint, CheckpointMismatch
 from streamlens.ablation.engine import by_damage, cumulative, cumulative_evaluations, evaluate, sweep
 from streamlens.ablation.options import EvalOptions
 from streamlens.ablation.replace import donor_rows
