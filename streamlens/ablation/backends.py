@@ -32,6 +32,7 @@ from streamlens.ablation.checkpoint import (CHECKPOINT_FOLDER, Checkpoint, Check
                                             plan, section_key)
 from streamlens.ablation.engine import _Engine
 from streamlens.ablation.spec import Ablation, Progress
+from streamlens.data import TokenBatch
 from streamlens.model import Model, load_model
 from streamlens.model.handle import ModelInfo
 
@@ -69,6 +70,13 @@ def _gather(engine: _Engine, specs: list[Ablation], progress: Progress | None, c
             checkpoint.save(key, shard, values, clean_loss)
         take(shard, values, clean_loss)
     return out
+
+
+def _moved(batch: TokenBatch, device: torch.device) -> TokenBatch:
+    """The batch with its tensors on `device`."""
+    return dataclasses.replace(batch, **{item.name: getattr(batch, item.name).to(device)
+                                         for item in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, item.name), torch.Tensor)})
 
 
 # ----- backends ---------------------------------------------------------------------------------
@@ -110,11 +118,7 @@ class _Worker:
             import ray
 
             batch, names, seed, batch_size, specs = ray.get(context[0])
-            device = self.model.device
-            batch = dataclasses.replace(batch, **{field.name: getattr(batch, field.name).to(device)
-                                                  for field in dataclasses.fields(batch)
-                                                  if isinstance(getattr(batch, field.name), torch.Tensor)})
-            self.engine = _Engine(self.model, batch, names, seed, batch_size)
+            self.engine = _Engine(self.model, _moved(batch, self.model.device), names, seed, batch_size)
             self.specs, self.call = specs, call
         with torch.inference_mode():
             return run_shard(self.engine, self.specs, shard)
@@ -236,10 +240,7 @@ class RayBackend:
         self.start(engine.model)
         import ray
 
-        batch = engine.batch
-        batch = dataclasses.replace(batch, **{field.name: getattr(batch, field.name).to("cpu")
-                                              for field in dataclasses.fields(batch)
-                                              if isinstance(getattr(batch, field.name), torch.Tensor)})
+        batch = _moved(engine.batch, torch.device("cpu"))
         context = [ray.put((batch, engine.names, engine.seed, engine.chunk * engine.variants_per_forward, specs))]
         self._calls += 1
         call = self._calls
