@@ -5,10 +5,11 @@ See the package docstring for how it saves work while giving the naive loop's nu
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import einops
 import torch
@@ -59,8 +60,15 @@ class _Engine:
         return [slice(start, min(start + self.chunk, self.batch.n_texts))
                 for start in range(0, self.batch.n_texts, self.chunk)]
 
-    def per_text(self, specs: Sequence[Ablation], progress: Progress | None = None) -> torch.Tensor:
-        """Metrics of each spec, averaged per text: [spec, metric, text] (float64)."""
+    def per_text(self, specs: Sequence[Ablation], progress: Progress | None = None,
+                 shard: tuple[Sequence[int], slice] | None = None) -> torch.Tensor:
+        """Metrics of each spec, averaged per text: [spec, metric, text] (float64).
+
+        shard (spec indices, one chunk of `chunks`): evaluate only those specs on those texts (the
+        rest of the output stays zero). Means, donors and the clean pass are still those of all
+        `specs` on the whole batch, and the shard's specs form whole groups of `_groups(specs)`
+        (`ablation.backends` plans them so), so a shard gives the numbers of the full call.
+        """
         for spec in specs:
             spec.check(self.model)
         out = torch.zeros(len(specs), len(self.names), self.batch.n_texts, dtype=torch.float64)
@@ -71,10 +79,12 @@ class _Engine:
             if missing:
                 self._means.update(R.means(self.model, self.batch, missing, self.chunk))
         keep_writes = frozenset(w for s in specs if s.effect == "direct" for w in s.writes)
+        chosen = list(range(len(specs))) if shard is None else list(shard[0])
         with torch.inference_mode():
-            for rows in self.chunks:
+            for rows in self.chunks if shard is None else [shard[1]]:
                 clean = self._clean(rows, keep_writes, frozenset(by_method["resample"]))
-                for group in self._groups(specs):
+                for group in self._groups([specs[i] for i in chosen]):
+                    group = [chosen[i] for i in group]
                     values = self._evaluate(clean, rows, [specs[i] for i in group])  # [k, metric, n]
                     out[group, :, rows] = values.cpu()
                     if progress is not None:
@@ -86,6 +96,7 @@ class _Engine:
             index, have, have_donors, clean = self._cached
             if index == rows.start and writes <= have and donor_writes <= have_donors:
                 return clean
+        self._cached = None  # free the previous chunk's streams before computing these
         batch = self.batch.rows(rows)
         resid, captured, final = R.capture(self.model, batch.tokens, sorted(writes, key=stream_order),
                                           range(self.model.n_layers))
@@ -100,8 +111,7 @@ class _Engine:
         if donor_writes:
             clean.donor_writes = R.donor_writes(self.model, self.batch, rows, sorted(donor_writes, key=stream_order),
                                                 R.donor_rows(self.batch.n_texts, self.seed))
-        if len(self.chunks) == 1:  # one chunk: keep it for later calls (greedy sweeps)
-            self._cached = (rows.start, writes, donor_writes, clean)
+        self._cached = (rows.start, writes, donor_writes, clean)  # for later calls and shards of this chunk
         return clean
 
     def _groups(self, specs: Sequence[Ablation]) -> list[list[int]]:
@@ -170,6 +180,23 @@ def _restart(spec: Ablation) -> tuple[int, bool]:
     return start, {Site("attn", start), Site("mlp", start)} <= writes
 
 
+class Backend(Protocol):
+    """Where an engine's (spec, text) evaluations run: `ablation.backends` has one in this process
+    with a resumable checkpoint (`LocalBackend`) and one on Ray workers (`RayBackend`)."""
+
+    description: str  # recorded in the provenance, e.g. "ray: 2 workers on cpu"
+    device: str | None  # where the forwards run (None: the model's device)
+
+    def per_text(self, engine: "_Engine", specs: list[Ablation], progress: Progress | None) -> torch.Tensor:
+        """`engine.per_text(specs, progress)`, computed elsewhere; fills `engine.clean_loss` too."""
+        ...
+
+
+def _per_text(engine: "_Engine", specs: list[Ablation], progress: Progress | None,
+              backend: Backend | None) -> torch.Tensor:
+    return engine.per_text(specs, progress) if backend is None else backend.per_text(engine, specs, progress)
+
+
 # ----- public entry points ----------------------------------------------------------------------
 def evaluate(
     model: Model,
@@ -179,6 +206,7 @@ def evaluate(
     *,
     progress: Progress | None = None,
     command: str | None = None,
+    backend: Backend | None = None,
     **changes: Any,
 ) -> AblationResult:
     """Measure each ablation in `specs` on `batch`, with 95% bootstrap CIs over texts.
@@ -191,6 +219,9 @@ def evaluate(
             `changes` override single fields (`evaluate(..., n_boot=200)`).
         progress: called with the number of (spec, chunk of texts) evaluations just finished.
         command: recorded in the provenance (default: this process's command line).
+        backend: where the forwards run (None: here, in one call). `backends.RayBackend` spreads
+            shards of (specs x texts) over Ray workers, `backends.LocalBackend` runs them here;
+            both can keep a resumable `Checkpoint`. The numbers are those of a run without one.
 
     Returns:
         `AblationResult` with values and CIs [unit, metric] and per-text values [unit, metric, text].
@@ -199,9 +230,9 @@ def evaluate(
     started = time.perf_counter()
     engine = _engine(model, batch, options)
     with options.torch_threads():
-        per_text = engine.per_text(list(specs), progress)
+        per_text = _per_text(engine, list(specs), progress, backend)
     return AblationResult(
-        **_summary(model, batch, engine, options, per_text, command, started),
+        **_summary(model, batch, engine, options, per_text, command, started, backend),
         sites=tuple(spec.sites for spec in specs),
         methods=tuple(spec.method for spec in specs),
         effects=tuple(spec.effect for spec in specs),
@@ -236,6 +267,7 @@ def cumulative(
     *,
     progress: Progress | None = None,
     command: str | None = None,
+    backend: Backend | None = None,
     **changes: Any,
 ) -> CumulativeAblation:
     """Remove units one after another and measure the damage after each removal.
@@ -257,23 +289,23 @@ def cumulative(
     started = time.perf_counter()
     engine = _engine(model, batch, options)
     with options.torch_threads():
-        removed, per_text = _remove_one_after_another(engine, list(order), mode, method, effect, progress)
+        removed, per_text = _remove_one_after_another(engine, list(order), mode, method, effect, progress, backend)
     return CumulativeAblation(
-        **_summary(model, batch, engine, options, per_text, command, started),
+        **_summary(model, batch, engine, options, per_text, command, started, backend),
         mode=mode, sites=tuple(removed), method=method, effect=effect,
     )
 
 
 def _remove_one_after_another(engine: "_Engine", order: list[Site], mode: str, method: str, effect: str,
-                              progress: Progress | None) -> tuple[list[Site], torch.Tensor]:
+                              progress: Progress | None, backend: Backend | None) -> tuple[list[Site], torch.Tensor]:
     """The removal order and per-text metrics after each step [step, metric, text]."""
     if mode == "order":
         specs = [Ablation(tuple(order[: k + 1]), method, effect) for k in range(len(order))]
-        return order, engine.per_text(specs, progress)
+        return order, _per_text(engine, specs, progress, backend)
     remaining, removed, steps = list(order), [], []
     while remaining:
         specs = [Ablation((*removed, site), method, effect) for site in remaining]
-        per_text = engine.per_text(specs, progress)
+        per_text = _per_text(engine, specs, progress, backend)
         damage = M.damage(engine.names[0], per_text[:, 0].mean(-1))
         best = int(torch.argmin(damage))
         removed.append(remaining.pop(best))
@@ -286,11 +318,15 @@ def _engine(model: Model, batch: TokenBatch, options: EvalOptions) -> "_Engine":
 
 
 def _summary(model: Model, batch: TokenBatch, engine: "_Engine", options: EvalOptions, per_text: torch.Tensor,
-             command: str | None, started: float) -> dict[str, Any]:
+             command: str | None, started: float, backend: Backend | None = None) -> dict[str, Any]:
     """The fields every ablation result shares: bootstrap CIs over texts, data, provenance."""
     estimate, low, high = M.bootstrap_ci(per_text, n_boot=options.n_boot, seed=options.seed)
+    provenance = Provenance.of(model, command or command_line(), options.seed)
+    if backend is not None:
+        provenance = dataclasses.replace(provenance, device=backend.device or provenance.device,
+                                         backend=backend.description)
     return dict(
-        provenance=Provenance.of(model, command or command_line(), options.seed),
+        provenance=provenance,
         metrics=engine.names, values=estimate, ci_low=low, ci_high=high, per_text=per_text,
         data=batch.description, n_texts=batch.n_texts, n_predictions=batch.n_scored, n_boot=options.n_boot,
         seconds=time.perf_counter() - started,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from streamlens.cli import backend as B
 from streamlens.cli.common import (MIN_BOOTSTRAP, MODEL_HELP, THREADS_HELP, VERIFY_HELP, app, check_at_least,
                                    check_choice, check_out, fail, parse_ints, progress_bar, use_threads)
 
@@ -56,7 +57,8 @@ def ablate(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float64 or bfloat16."),
     seed: int = typer.Option(0, "--seed", help="Seeds the resample donors and the bootstrap."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Most sequences in one forward (texts x variants)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Most sequences in one forward (texts x variants; "
+                                   "default 16, or chosen from free memory with --device cuda)."),
     window: int = typer.Option(None, "--window", help="Tokens per window of text (default 64; text data only)."),
     max_windows: int = typer.Option(None, "--max-windows", help="Most windows, taken round-robin over the texts "
                                     "(default 16; text data only)."),
@@ -65,6 +67,9 @@ def ablate(
     threads: int = typer.Option(None, "--threads", help=THREADS_HELP),
     verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
     out: str = typer.Option("streamlens-out", "--out", help="Folder for ablation.csv, ablation.json, ablation.html."),
+    workers: int = B.WORKERS,
+    ray_address: str = B.RAY_ADDRESS,
+    checkpoint: bool = B.CHECKPOINT,
 ) -> None:
     """Remove each block, sublayer or head in turn and measure the damage, with 95% bootstrap CIs."""
     import time
@@ -81,33 +86,45 @@ def ablate(
     check_at_least(("--batch-size", batch_size, 1), ("--bootstrap", n_boot, MIN_BOOTSTRAP), ("--window", window, 2),
                    ("--max-windows", max_windows, 1), ("--seed", seed, 0))
     check_out(out)
+    on_ray = B.check_backend_options(workers, ray_address, device)
+    prompts = _check_data(data, window, max_windows, positions, metric_list)
+    from rich.console import Console
+
+    from streamlens import data as D
+    from streamlens.files import write_outputs
+    from streamlens.model import load_model
+    from streamlens.pages.ablation import ablation_files
+    from streamlens.results import command_line
+
+    ray = B.connect(workers, ray_address, device, threads) if on_ray else None
     try:
-        from streamlens import data as D
-
-        prompts = _check_data(data, window, max_windows, positions, metric_list)
-        options = A.EvalOptions(metrics=metric_list, seed=seed, batch_size=batch_size, n_boot=n_boot,
-                                threads=use_threads(threads))
-        from rich.console import Console
-
-        from streamlens.files import write_outputs
-        from streamlens.model import load_model
-        from streamlens.pages.ablation import ablation_files
-        from streamlens.results import command_line
-
-        loaded = load_model(model, dtype=dtype, device=device, verify=verify)
+        loaded = load_model(model, dtype=dtype, device="cpu" if on_ray else device, verify=verify)  # on Ray the workers compute
         window, max_windows = (None, None) if prompts else (window or 64, max_windows or 16)
         batch = D.load_batch(loaded, data, window=window or 64, max_windows=max_windows, positions=positions)
+        A.units(loaded, unit, layer_list, head_list)  # layer and head ranges: checked before any work
+        if batch_size is None:  # resuming keeps the unfinished run's; else 16, or what fits on the GPU
+            batch_size = (checkpoint and B.stored_batch_size(out)) or B.choose_batch_size(ray, loaded, batch, device)
+        options = A.EvalOptions(metrics=metric_list, seed=seed, batch_size=batch_size, n_boot=n_boot,
+                                threads=use_threads(threads))
+        identity = {"unit": unit, "method": method, "effect": effect, "cumulative": cumulative, "layers": layers,
+                    "heads": heads, "metrics": metrics, "seed": seed, "batch_size": batch_size}
+        backend, saved = B.backend_for(ray, checkpoint, out, loaded, batch, identity)
         command = command_line()
         results, curve = _sweeps(loaded, batch, unit, method, effects, layer_list, head_list, cumulative, options,
-                                 command, Console(stderr=True))
+                                 command, Console(stderr=True), backend)
         settings = {"command": command, "unit": unit, "method": method, "effect": effect, "cumulative": cumulative,
                     "positions": positions, "layers": layers or "all", "heads": heads or ("all" if unit == "head"
                     else None), "window": window, "max_windows": max_windows, "batch_size": batch_size,
-                    "bootstrap": n_boot, "seed": seed}
+                    "bootstrap": n_boot, "seed": seed, "backend": results[effects[-1]].provenance.backend}
         files = ablation_files(results, curve, batch, loaded, settings, time.perf_counter() - started)
         folder = write_outputs(out, files)
     except (ValueError, OSError) as error:
         fail(str(error))
+    finally:
+        if ray is not None:
+            ray.close()
+    if saved is not None:
+        saved.remove()  # the outputs are written: nothing left to resume
     Console().print(damage_table(results[effects[-1]], f"Removing one {unit} at a time ({method}, {effects[-1]} "
                                                        f"effect)"))
     typer.echo(f"wrote {', '.join(files)} to {folder} in {time.perf_counter() - started:.1f} s")
@@ -133,7 +150,7 @@ def _check_data(data, window, max_windows, positions, metrics) -> bool:
     return prompts
 
 
-def _sweeps(model, batch, unit, method, effects, layers, heads, cumulative, options, command, console):
+def _sweeps(model, batch, unit, method, effects, layers, heads, cumulative, options, command, console, backend=None):
     """The sweep for each effect (and the cumulative curve) under one progress bar: (results, curve)."""
     from streamlens import ablation as A
 
@@ -146,10 +163,10 @@ def _sweeps(model, batch, unit, method, effects, layers, heads, cumulative, opti
         task = bar.add_task(f"ablating {len(sites_list)} {unit} units", total=total)
         advance = lambda n: bar.advance(task, n)  # noqa: E731
         results = {name: A.sweep(model, batch, unit, method, name, layers, heads, options, progress=advance,
-                                 command=command) for name in effects}
+                                 command=command, backend=backend) for name in effects}
         curve = None
         if cumulative != "none":
             ranked = [sites_list[i] for i in A.by_damage(results[effects[-1]])]
             curve = A.cumulative(model, batch, ranked, cumulative, method, effects[-1], options, progress=advance,
-                                 command=command)
+                                 command=command, backend=backend)
     return results, curve

@@ -53,7 +53,7 @@ def ablation_files(
     metadata = {
         **settings,
         "model": info.name, "architecture": info.architecture, "weights_hash": info.weights_hash,
-        "dtype": info.dtype, "device": info.device, "data": batch.description, "n_texts": batch.n_texts,
+        "dtype": info.dtype, "device": provenance.device, "data": batch.description, "n_texts": batch.n_texts,
         "n_tokens": int(batch.valid.sum()), "n_predictions": batch.n_scored, "metrics": list(main.metrics),
         "bootstrap": {"replicates": settings.get("bootstrap"), "level": 0.95,
                       "resampling_unit": "text (window or prompt)"},
@@ -62,7 +62,7 @@ def ablation_files(
         "cumulative_order": None if curve is None else list(curve.units),
         "bridge_vs_hf": info.bridge_vs_hf, "fidelity": info.fidelity or "exact",
     }
-    facts = (("model", f"{info.name} ({info.n_layers} layers, {info.dtype} on {info.device})"),
+    facts = (("model", f"{info.name} ({info.n_layers} layers, {info.dtype} on {provenance.device})"),
              ("weights sha256", info.weights_hash), ("fidelity", fidelity_fact(info)), ("data", batch.description),
              ("ablation", f"{settings.get('unit')} units, {settings.get('method')}, {settings.get('effect')} effect"),
              ("command", str(settings.get("command"))), ("made", f"{provenance.created}, {seconds:.1f} s"))

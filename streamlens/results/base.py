@@ -44,6 +44,7 @@ class Provenance:
     created: str = ""
     bridge_vs_hf: float | None = None
     fidelity: str = ""  # empty: the bridge computed the model's own logits (see ModelInfo.fidelity)
+    backend: str = "in-process"  # or e.g. "ray: 2 workers on cpu" (streamlens.ablation.backends)
 
     @staticmethod
     def of(model: "Model", command: str, seed: int | None = None) -> "Provenance":

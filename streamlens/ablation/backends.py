@@ -1,0 +1,309 @@
+"""Where the engine's evaluations run: here or on Ray workers, resumable from a checkpoint.
+
+A call of `evaluate` / `cumulative` with a backend is split into shards: a few whole groups of
+specs (those that share forwards) x one chunk of `batch_size` texts, planned in chunk order. Every
+shard is evaluated by the one engine (`_Engine.per_text(specs, shard=...)`), which still takes the
+means, the resample donors and the clean pass from all specs on the whole batch, so the gathered
+per-text values are those of a run without a backend; the bootstrap runs once, on the driver.
+
+- `LocalBackend`: the shards one after another in this process (what a checkpoint needs).
+- `RayBackend`: one actor per worker loads the model once (on its own GPU for `device="cuda"`) and
+  evaluates shards; `ray` is imported only when a `RayBackend` connects. `workers=N` starts a local
+  cluster; `address="auto"` or "HOST:PORT" joins a running one (`ray start --head`).
+- `checkpoint.Checkpoint`: each finished shard is one file under a hidden folder; a run with the
+  same identity skips the shards it finds; a folder made by another run is refused, never mixed in.
+
+GPUs: `auto_batch_size` picks the sequences per forward from the free memory of the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from streamlens.ablation.checkpoint import (CHECKPOINT_FOLDER, Checkpoint, CheckpointMismatch, Shard, batch_digest,
+                                            plan, section_key)
+from streamlens.ablation.engine import _Engine
+from streamlens.ablation.spec import Ablation, Progress
+from streamlens.data import TokenBatch
+from streamlens.model import Model, load_model
+from streamlens.model.handle import ModelInfo
+
+__all__ = ["CHECKPOINT_FOLDER", "Checkpoint", "CheckpointMismatch", "LocalBackend", "RayBackend", "Shard",
+           "auto_batch_size", "batch_digest", "free_memory", "plan", "run_shard", "section_key"]
+IN_FLIGHT = 2  # shards queued on each Ray worker, so it never waits for the driver
+
+
+# ----- shards -----------------------------------------------------------------------------------
+def run_shard(engine: _Engine, specs: list[Ablation], shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-text values [shard spec, metric, text in shard], clean loss [text in shard]) of one shard."""
+    values = engine.per_text(specs, None, (shard.specs, shard.rows))
+    return values[list(shard.specs), :, shard.rows].clone(), engine.clean_loss[shard.rows].clone()
+
+
+def _gather(engine: _Engine, specs: list[Ablation], progress: Progress | None, checkpoint: "Checkpoint | None",
+            compute: Callable[[list[Shard]], Iterator[tuple[Shard, torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
+    """Per-text values [spec, metric, text] of all shards: those in the checkpoint, then `compute(rest)`
+    (finished shards in any order, each saved before it counts). Fills `engine.clean_loss`."""
+    shards = plan(engine, specs)
+    out = torch.zeros(len(specs), len(engine.names), engine.batch.n_texts, dtype=torch.float64)
+    key = None if checkpoint is None else section_key(engine, specs, shards)
+
+    def take(shard: Shard, values: torch.Tensor, clean_loss: torch.Tensor) -> None:
+        out[list(shard.specs), :, shard.rows] = values
+        engine.clean_loss[shard.rows] = clean_loss
+        if progress is not None:
+            progress(len(shard.specs))
+
+    done = {} if checkpoint is None else checkpoint.finished(key, shards)
+    for index, (values, clean_loss) in done.items():
+        take(shards[index], values, clean_loss)
+    for shard, values, clean_loss in compute([shard for shard in shards if shard.index not in done]):
+        if checkpoint is not None:
+            checkpoint.save(key, shard, values, clean_loss)
+        take(shard, values, clean_loss)
+    return out
+
+
+def _moved(batch: TokenBatch, device: torch.device) -> TokenBatch:
+    """The batch with its tensors on `device`."""
+    return dataclasses.replace(batch, **{item.name: getattr(batch, item.name).to(device)
+                                         for item in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, item.name), torch.Tensor)})
+
+
+# ----- backends ---------------------------------------------------------------------------------
+class LocalBackend:
+    """The shards one after another in this process, each saved to `checkpoint` (if any) when done."""
+
+    description = "in-process"
+    device = None
+
+    def __init__(self, checkpoint: Checkpoint | None = None) -> None:
+        self.checkpoint = checkpoint
+
+    def per_text(self, engine: _Engine, specs: list[Ablation], progress: Progress | None) -> torch.Tensor:
+        def compute(shards: list[Shard]) -> Iterator[tuple[Shard, torch.Tensor, torch.Tensor]]:
+            for shard in shards:
+                yield (shard, *run_shard(engine, specs, shard))
+
+        return _gather(engine, specs, progress, self.checkpoint, compute)
+
+
+class _Worker:
+    """A Ray actor: loads the model once, then evaluates shards with the engine."""
+
+    def __init__(self, model_name: str, dtype: str, device: str, weights_hash: str, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.model = load_model(model_name, dtype=dtype, device=device)
+        if self.model.info.weights_hash != weights_hash:
+            raise ValueError(f"worker on {socket.gethostname()} loaded {model_name!r} with weights sha256 "
+                             f"{self.model.info.weights_hash[:12]}..., not the driver's {weights_hash[:12]}...")
+        self.call: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """Host, device and free memory (bytes) of this worker."""
+        free = free_memory(self.model.info.device)
+        return {"host": socket.gethostname(), "device": self.model.info.device, "free_bytes": free}
+
+    def run(self, call: int, context: list, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.call != call:  # a new call, or this actor was restarted: fetch the call's batch and specs
+            import ray
+
+            batch, names, seed, batch_size, specs = ray.get(context[0])
+            self.engine = _Engine(self.model, _moved(batch, self.model.device), names, seed, batch_size)
+            self.specs, self.call = specs, call
+        with torch.inference_mode():
+            return run_shard(self.engine, self.specs, shard)
+
+
+class RayBackend:
+    """Shards on Ray workers: one actor per worker, each with the model loaded once.
+
+    Args:
+        workers: number of workers (None: with `address`, one per GPU for device "cuda", else one
+            per CPU of the cluster; without, 1).
+        address: None starts a local cluster in this process; "auto" or "HOST:PORT" joins a running
+            one (every node needs streamlens and the model, found by the same name or path).
+        device: "cpu" or "cuda" (each worker takes one GPU; Ray sets which).
+        threads: torch threads per worker (CPU workers reserve this many CPUs each).
+        checkpoint: where finished shards are saved and found again.
+
+    Use as a context manager (or call `close()`): the actors are ended and a local cluster shut down.
+    """
+
+    def __init__(self, workers: int | None = None, address: str | None = None, device: str = "cpu",
+                 threads: int = 1, checkpoint: Checkpoint | None = None) -> None:
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers {workers!r} must be a whole number of at least 1")
+        if device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"Ray workers run on cpu or cuda, not {device!r}")
+        self.workers, self.address, self.threads, self.checkpoint = workers, address, threads, checkpoint
+        self.device = device.split(":")[0]
+        self._actors: list[Any] = []
+        self._hosts: list[str] = []
+        self._started_cluster = False
+        self._calls = 0
+
+    @property
+    def description(self) -> str:
+        where = "local cluster" if self.address is None else f"cluster at {self.address}"
+        hosts = sorted(set(self._hosts))
+        on = f" on {', '.join(hosts)}" if hosts else ""
+        return f"ray: {self.workers} workers on {self.device} ({where}{on})"
+
+    # ----- life cycle ------------------------------------------------------------------------------
+    def connect(self) -> "RayBackend":
+        """Start or join the cluster and check it can hold the workers (ValueError if not)."""
+        try:
+            import ray
+        except ImportError as error:
+            raise ValueError("Ray workers need Ray: pip install 'streamlens[ray]'") from error
+        import logging
+
+        gpus = 1 if self.device == "cuda" else 0
+        if ray.is_initialized():  # this process already joined a cluster (e.g. a test session's): use it
+            pass
+        elif self.address is None:
+            workers = self.workers or 1
+            # the workers are the job (the driver waits): normal priority, not Ray's default niceness 15
+            ray.init(num_cpus=max(workers * self.threads, os.cpu_count() or 1), include_dashboard=False,
+                     log_to_driver=False, logging_level=logging.WARNING, _system_config={"worker_niceness": 0})
+            self._started_cluster = True
+        else:
+            try:
+                ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
+            except (ConnectionError, RuntimeError, ValueError) as error:
+                raise ValueError(f"cannot join a Ray cluster at {self.address!r}: {error}") from error
+        resources = ray.cluster_resources()
+        cpus, gpu_count = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+        if self.workers is None:
+            self.workers = (gpu_count if gpus else cpus // self.threads) if self.address is not None else 1
+        need_cpus, need_gpus = (0 if gpus else self.workers * self.threads), self.workers * gpus
+        if need_cpus > cpus or need_gpus > gpu_count or self.workers < 1:
+            self.close()
+            raise ValueError(f"the Ray cluster has {cpus} CPUs and {gpu_count} GPUs: not enough for {self.workers} "
+                             f"workers on {self.device}" + (f" with {self.threads} threads each" if not gpus else ""))
+        return self
+
+    def start(self, model: Model) -> "RayBackend":
+        """Start the workers (each loads `model` by its name or path, and checks its weights hash)."""
+        if self._actors:
+            return self
+        self.connect()
+        import ray
+
+        info = model.info
+        name = str(Path(info.name).resolve()) if Path(info.name).exists() else info.name
+        actor = ray.remote(_Worker).options(
+            num_cpus=1 if self.device == "cuda" else self.threads, num_gpus=1 if self.device == "cuda" else 0,
+            max_restarts=2, max_task_retries=2)
+        self._actors = [actor.remote(name, info.dtype, self.device, info.weights_hash, self.threads)
+                        for _ in range(self.workers)]
+        described = self._get([actor.describe.remote() for actor in self._actors])
+        self._hosts = [item["host"] for item in described]
+        self._free = [item["free_bytes"] for item in described]
+        return self
+
+    def free_bytes(self) -> int | None:
+        """The least free device memory over the started workers (None on CPU)."""
+        free = [value for value in getattr(self, "_free", []) if value is not None]
+        return min(free) if free else None
+
+    def close(self) -> None:
+        try:
+            import ray
+        except ImportError:
+            return
+        for actor in self._actors:
+            ray.kill(actor)
+        self._actors = []
+        if self._started_cluster and ray.is_initialized():
+            ray.shutdown()
+            self._started_cluster = False
+
+    def __enter__(self) -> "RayBackend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----- the work ------------------------------------------------------------------------------
+    def per_text(self, engine: _Engine, specs: list[Ablation], progress: Progress | None) -> torch.Tensor:
+        self.start(engine.model)
+        import ray
+
+        batch = _moved(engine.batch, torch.device("cpu"))
+        context = [ray.put((batch, engine.names, engine.seed, engine.chunk * engine.variants_per_forward, specs))]
+        self._calls += 1
+        call = self._calls
+
+        def compute(shards: list[Shard]) -> Iterator[tuple[Shard, torch.Tensor, torch.Tensor]]:
+            waiting = deque(shards)
+            running: dict[Any, tuple[Any, Shard]] = {}
+
+            def submit(actor: Any) -> None:
+                shard = waiting.popleft()
+                running[actor.run.remote(call, context, shard)] = (actor, shard)
+
+            for actor in self._actors:
+                for _ in range(IN_FLIGHT):
+                    if waiting:
+                        submit(actor)
+            while running:
+                ready, _ = ray.wait(list(running), num_returns=1)
+                actor, shard = running.pop(ready[0])
+                values, clean_loss = self._get(ready[0])
+                if waiting:
+                    submit(actor)
+                yield shard, values, clean_loss
+
+        return _gather(engine, specs, progress, self.checkpoint, compute)
+
+    @staticmethod
+    def _get(refs: Any) -> Any:
+        """`ray.get`, with a worker's own error (a bad layer, a model that will not load) raised as itself."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            return ray.get(refs)
+        except RayTaskError as error:
+            cause = getattr(error, "cause", None)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
+        except RayActorError as error:
+            raise RuntimeError(f"a Ray worker died: {str(error).splitlines()[0]}") from error
+
+
+# ----- GPUs -------------------------------------------------------------------------------------
+def free_memory(device: str | torch.device) -> int | None:
+    """Free bytes on a CUDA device (None for other devices)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def auto_batch_size(info: ModelInfo, n_positions: int, free_bytes: int, most: int = 256) -> int:
+    """Sequences per forward that fit in `free_bytes` (weights already loaded), by an upper estimate.
+
+    Per sequence of `n_positions`: the clean pass keeps resid_pre of every layer and, for direct
+    effects and resample, up to two writes per layer (3 n_layers + 1 streams of d_model); one layer
+    of a forward holds about 8 d_model values per position plus the attention scores (n_heads x
+    n_positions); the unembedding works on 8192-entry vocabulary chunks in float32. 60% of the free
+    memory is used, leaving room for the allocator and temporaries.
+    """
+    width = torch.finfo(getattr(torch, info.dtype)).bits // 8
+    per_position = (width * ((3 * info.n_layers + 1) * info.d_model + 8 * info.d_model + 2 * info.n_heads * n_positions)
+                    + 4 * 8192 + 8 * 8)
+    return max(1, min(most, int(0.6 * free_bytes) // (per_position * n_positions)))
