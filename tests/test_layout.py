@@ -23,17 +23,19 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("metrics", "recording", "decomposition"),     # record, decompose, metrics
     ("ablation",),                                 # spec, options, replace, apply, engine
     ("highway",),                                  # toy, real
+    ("layers",),                                   # scores, repair, verdict, study
     ("plots",),                                    # figures from results only
     ("pages",),                                    # HTML pages composed from figures
     ("cli", "__main__"),                           # parse -> call -> page -> write
 )
 # Inside a package, the same rule over its modules (a module may import those listed before it).
 INNER: dict[str, tuple[str, ...]] = {
-    "ablation": ("spec", "options", "replace", "apply", "engine", "__init__"),
+    "ablation": ("spec", "options", "replace", "apply", "engine", "swap", "__init__"),
     "highway": ("real", "toy", "__init__"),
+    "layers": ("scores", "repair", "verdict", "study", "__init__"),
     "model": ("handle", "loading", "__init__"),
-    "results": ("base", "stream", "ablation", "highway", "__init__"),
-    "pages": ("html", "ablation", "highway", "report", "__init__"),
+    "results": ("base", "stream", "ablation", "highway", "layers", "__init__"),
+    "pages": ("html", "ablation", "highway", "layers", "report", "__init__"),
 }
 
 
