@@ -6,6 +6,6 @@ so `streamlens --help` is fast. Bad input prints one line naming the bad value a
 """
 
 from streamlens.cli.common import app, fail
-from streamlens.cli import ablate, decompose, highway, report  # noqa: F401  (each registers its command)
+from streamlens.cli import ablate, decompose, highway, layers, report  # noqa: F401  (each registers its command)
 
 __all__ = ["app", "fail"]

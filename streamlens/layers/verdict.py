@@ -126,7 +126,8 @@ def _span_verdict(study: dict[str, Any], boot: dict[str, int]) -> Verdict:
     spans = study["spans"]
     loss = spans.metrics.index("loss_increase")
     by_key = {(len(unit), unit[0].layer): i for i, unit in enumerate(spans.sites)}
-    measured_sizes = sorted({size for size, _ in by_key if sum(1 for s, _ in by_key if s == size) > 1})
+    sizes = [s for s, _ in by_key]
+    measured_sizes = sorted({s for s in sizes if sizes.count(s) > 1})
     size = measured_sizes[-1] if measured_sizes else 1
     start = dict(study["predicted_spans"]).get(size, 0)
     candidates = [i for (s, _), i in by_key.items() if s == size]

@@ -163,6 +163,11 @@ class LayerStudy:
         """(size n, start) -> row of `spans`."""
         return {(len(unit), unit[0].layer): index for index, unit in enumerate(self.spans.sites)}
 
+    def measured_sizes(self) -> list[int]:
+        """Span sizes whose every span was measured (more than one span of that size in `spans`)."""
+        sizes = [size for size, _ in self.span_rows()]
+        return sorted({size for size in sizes if sizes.count(size) > 1})
+
     def to_dataframe(self) -> "pd.DataFrame":
         """Tidy: model, part, unit, kind, layer, depth, method, metric, value, ci_low, ci_high (ablations),
         plus the scores (part "score") and self-repair (part "repair", metric = the effect part)."""
