@@ -5,7 +5,7 @@ models of different depths overlay; each model gets its own line dash.
 
 - `removal_profile`: damage of removing each block, attention sublayer, MLP (95% CI), and of swapping
   blocks L and L+1;
-- `score_profile`: BI, angular distance (n=1) and relative write norm per layer;
+- `score_profile` / `stream_score_profile`: BI, angular distance (n=1) and relative write norm per layer;
 - `score_scatter`: each cheap score against measured block damage (Spearman rho in the legend);
 - `angular_heatmap`: angular distance of every span (size x start), Gromov et al.'s picture;
 - `span_curve`: loss increase and top-1 agreement of the predicted span vs n, measured best spans;
@@ -22,7 +22,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from streamlens.plots.style import color, finish
-from streamlens.results.layers import LayerStudy, depth as depth_of
+from streamlens.results.layers import LayerStudy, StreamScores, depth as depth_of
 
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash")
 SWAP_COLOR = "#8c564b"
@@ -63,16 +63,22 @@ def removal_profile(studies: Sequence[LayerStudy], depth: bool = False, metric: 
 
 def score_profile(studies: Sequence[LayerStudy], depth: bool = False) -> go.Figure:
     """Block Influence, angular distance (n=1) and relative write norm of each block (means over texts)."""
+    return stream_score_profile([study.scores for study in studies], [study.model for study in studies], depth)
+
+
+def stream_score_profile(scores: Sequence[StreamScores], names: Sequence[str] = (), depth: bool = False) -> go.Figure:
+    """The cheap scores of one clean pass per block, for one or several models (`StreamScores`)."""
     fig = go.Figure()
-    for m, study in enumerate(studies):
+    for m, score in enumerate(scores):
         dash = DASHES[m % len(DASHES)]
-        layers = list(range(study.n_layers))
-        series = (("block influence 1 - cos", study.scores.block_influence.mean(-1), color("block")),
-                  ("angular distance / pi (n=1)", study.scores.angular_distance[0].mean(-1), color("total")),
-                  ("relative norm of the block's write", study.scores.relative_norm[0].mean(-1), color("bias")))
+        layers = list(range(score.n_layers))
+        x = [depth_of(layer, score.n_layers) if depth else layer for layer in layers]
+        prefix = f"{names[m]}: " if len(scores) > 1 and m < len(names) else ""
+        series = (("block influence 1 - cos", score.block_influence.mean(-1), color("block")),
+                  ("angular distance / pi (n=1)", score.angular_distance[0].mean(-1), color("total")),
+                  ("relative norm of the block's write", score.relative_norm[0].mean(-1), color("bias")))
         for name, values, line in series:
-            fig.add_trace(go.Scatter(x=_x(study, layers, depth), y=values.tolist(), mode="lines+markers",
-                                     name=f"{study.model}: {name}" if len(studies) > 1 else name,
+            fig.add_trace(go.Scatter(x=x, y=values.tolist(), mode="lines+markers", name=prefix + name,
                                      line={"color": line, "dash": dash}, marker={"size": 5}))
     fig = finish(fig, "Cheap scores from one clean pass, per block", _x_title(depth), "score")
     return fig.update_yaxes(type="log")
