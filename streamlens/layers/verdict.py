@@ -142,8 +142,7 @@ def _span_verdict(study: dict[str, Any], boot: dict[str, int]) -> Verdict:
         f"predicted blocks {start}-{start + size - 1} (+{float(spans.values[by_key[(size, start)], loss]):.3f}) vs "
         f"cheapest {best_start}-{best_start + size - 1} (+{float(spans.values[best, loss]):.3f}); excess "
         f"{value:.3f} nats [{low:.3f}, {high:.3f}]",
-        value, low, high, PAPERS["angular"], "holds" if high <= 0 or start == best_start
-        else ("differs" if low > 0 else "unclear"))
+        value, low, high, PAPERS["angular"], "holds" if start == best_start or low <= 0 else "differs")
 
 
 def _median_fraction(repair, units: list[int], options: EvalOptions) -> tuple[float, float, float]:

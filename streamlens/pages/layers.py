@@ -29,7 +29,8 @@ def verdict_html(study: LayerStudy) -> str:
         f"<b>{v.verdict}</b></td></tr>" for v in study.verdicts)
     return (f'<table class="facts" style="border:1px solid #ddd;font-size:13px"><tr>{head}</tr>{body}</table>'
             "holds / differs: the 95% CI (bootstrap over texts) lies on the claimed side / the other side; "
-            "unclear: it spans both.")
+            "unclear: it spans both. For the cheapest span: holds when the predicted span is the cheapest or its "
+            "excess damage over the cheapest is not distinguishable from 0.")
 
 
 def layer_sections(studies: Sequence[LayerStudy]) -> list[Section]:
