@@ -44,7 +44,7 @@ class StudyConfig:
     """
 
     span_sizes: tuple[int, ...] | None = None
-    greedy_pool: int = 10
+    greedy_pool: int = 8
     repair_layers: tuple[int, ...] | None = None
     options: A.EvalOptions = field(default_factory=A.EvalOptions)
 

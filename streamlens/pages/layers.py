@@ -110,6 +110,7 @@ def summary(study: LayerStudy) -> dict[str, Any]:
         "removable_before": {f"+{t}": {k: removable(c, t) for k, c in study.greedy.items()} for t in (0.1, 0.5)},
         "greedy_pool": {k: len(c.sites) for k, c in study.greedy.items()},
         "median_repaired_fraction_heads": float(fractions[heads].median()) if heads else None,
+        "median_norm_fraction_heads": float(study.repair.norm_fraction()[heads].median()) if heads else None,
     }
 
 
