@@ -26,19 +26,22 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("exactness",),                                # streamlens check: is streamlens exact on a model
     ("corpus", "sources", "identity", "tunedlens"),  # what the stream carries: windows by text, attention
                                                    # sources, token identity, the tuned lens
+    ("layers",),                                   # scores, repair, verdict, study
     ("plots",),                                    # figures from results only
     ("pages",),                                    # HTML pages composed from figures
     ("cli", "__main__"),                           # parse -> call -> page -> write
 )
 # Inside a package, the same rule over its modules (a module may import those listed before it).
 INNER: dict[str, tuple[str, ...]] = {
-    "ablation": ("spec", "options", "replace", "apply", "engine", "checkpoint", "backends", "__init__"),
+    "ablation": ("spec", "options", "replace", "apply", "engine", "swap", "checkpoint", "backends", "__init__"),
     "highway": ("real", "toy", "__init__"),
+    "layers": ("scores", "repair", "verdict", "study", "__init__"),
     "model": ("fidelity", "handle", "cache", "folders", "loading", "__init__"),
-    "results": ("base", "stream", "ablation", "highway", "check", "sources", "identity", "tunedlens", "__init__"),
+    "results": ("base", "stream", "ablation", "highway", "check", "sources", "identity", "tunedlens", "layers",
+                "__init__"),
     "identity": ("probe", "measure", "__init__"),
     "tunedlens": ("train", "evaluate", "__init__"),
-    "pages": ("html", "ablation", "highway", "carry", "report", "__init__"),
+    "pages": ("html", "ablation", "highway", "carry", "layers", "report", "__init__"),
 }
 
 

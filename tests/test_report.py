@@ -44,7 +44,8 @@ def test_report_is_one_self_contained_page_with_every_figure(folder, prompt_set,
 
     sections = standard_report(load_model(str(folder), dtype="float64"), prompt=PROMPT, target="w9",
                                data=str(prompt_set)).sections
-    assert len(sections) == 15  # 3 decomposition, 3 stream anatomy, 3 logit lens, 3 carry (issue 13), 3 ablation
+    assert len(sections) == 16  # 3 decomposition, 3 stream anatomy, 3 logit lens, 3 carry (issue 13), 3 ablation,
+                                # 1 layer scores (issue 12)
     divs = re.findall(r'<div id="(plot-\d+)" class="plotly-graph-div"', page)
     assert divs == [f"plot-{i}" for i in range(len(sections))]
     for section in sections:

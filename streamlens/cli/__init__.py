@@ -6,7 +6,7 @@ so `streamlens --help` is fast. Bad input prints one line naming the bad value a
 """
 
 from streamlens.cli.common import app, fail
-from streamlens.cli import ablate, decompose, highway, report  # noqa: F401  (each registers its command)
+from streamlens.cli import ablate, decompose, highway, layers, report  # noqa: F401  (each registers its command)
 from streamlens.cli import check  # noqa: F401  (streamlens check)
 from streamlens.cli import identity, lens  # noqa: F401  (what the stream carries: issue 13)
 

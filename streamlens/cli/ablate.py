@@ -87,7 +87,10 @@ def ablate(
                    ("--max-windows", max_windows, 1), ("--seed", seed, 0))
     check_out(out)
     on_ray = B.check_backend_options(workers, ray_address, device)
-    prompts = _check_data(data, window, max_windows, positions, metric_list)
+    try:
+        prompts = _check_data(data, window, max_windows, positions, metric_list)
+    except (ValueError, OSError) as error:
+        fail(str(error))
     from rich.console import Console
 
     from streamlens import data as D

@@ -64,6 +64,7 @@ def standard_report(
     prompt_sections, explained = _prompt_sections(model, tokens, target)
     carry_sections = _carry_sections(model, tokens, target, lens, say)
     ablation_sections, batch_description = _ablation_sections(model, batch, say)
+    ablation_sections.append(_layer_scores_section(model, batch))
     provenance = Provenance.of(model, command_line())
     info = model.info
     facts = (
@@ -155,6 +156,18 @@ def _carry_sections(model: "Model", tokens: "torch.Tensor", target: str | None, 
 
         sections += carry.lens_sections(compare_lenses(model, tokens, lens, text="the prompt"))
     return sections
+
+
+def _layer_scores_section(model: "Model", batch: "TokenBatch") -> Section:
+    """Which layers matter, cheaply: BI and angular distance per block (`streamlens layers` measures the rest)."""
+    from streamlens.layers import stream_scores
+    from streamlens.plots.layers import stream_score_profile
+
+    return Section("Which blocks change the stream: Block Influence and angular distance", (
+        "From one clean pass over the ablation data: 1 - cos between the stream entering and leaving each block "
+        "(ShortGPT's Block Influence), the angular distance arccos(cos)/pi (Gromov et al.) and the block's write "
+        "norm relative to the stream. <code>streamlens layers</code> checks how well they predict removal damage, "
+        "with spans, swaps, attention vs MLP and self-repair."), stream_score_profile([stream_scores(model, batch)]))
 
 
 def _ablation_sections(model: "Model", batch: "TokenBatch", say: Callable[[str], None]) -> tuple[list[Section], str]:
