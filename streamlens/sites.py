@@ -38,6 +38,11 @@ def mlp_out(layer: int) -> str:
     return f"blocks.{layer}.hook_mlp_out"
 
 
+def attn_pattern(layer: int) -> str:
+    """Attention probabilities of every head, [batch, n_heads, query pos, key pos]."""
+    return f"blocks.{layer}.attn.hook_pattern"
+
+
 def attn_z(layer: int) -> str:
     """Per-head attention values before W_O, [batch, pos, n_heads, d_head]."""
     return f"blocks.{layer}.attn.hook_z"

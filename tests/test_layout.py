@@ -29,7 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 # Inside a package, the same rule over its modules (a module may import those listed before it).
 INNER: dict[str, tuple[str, ...]] = {
-    "ablation": ("spec", "options", "replace", "apply", "engine", "__init__"),
+    "ablation": ("spec", "options", "replace", "apply", "engine", "attribute", "__init__"),
     "highway": ("real", "toy", "__init__"),
     "model": ("handle", "loading", "__init__"),
     "results": ("base", "stream", "ablation", "highway", "__init__"),
