@@ -33,7 +33,7 @@ INNER: dict[str, tuple[str, ...]] = {
     "highway": ("real", "toy", "__init__"),
     "model": ("handle", "loading", "__init__"),
     "results": ("base", "stream", "ablation", "highway", "__init__"),
-    "pages": ("html", "ablation", "highway", "report", "__init__"),
+    "pages": ("html", "ablation", "attribution", "highway", "report", "__init__"),
 }
 
 

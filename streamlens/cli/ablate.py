@@ -62,6 +62,12 @@ def ablate(
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice; 1 is often "
                                 "faster on a busy shared machine)."),
     out: str = typer.Option("streamlens-out", "--out", help="Folder for ablation.csv, ablation.json, ablation.html."),
+    estimate: str = typer.Option("none", "--estimate", help="none (measure each unit); atp: estimate every unit at "
+                                 "once from one forward and backward pass (attribution patching); atp-qk, atpstar: "
+                                 "with AtP*'s fixes (README: Attribution patching)."),
+    verify_top: int = typer.Option(0, "--verify-top", help="With --estimate: re-measure exactly the K units with "
+                                   "the largest estimate; writes ablation_verify.csv (side by side)."),
+    verify_all: bool = typer.Option(False, "--verify-all", help="With --estimate: re-measure every unit exactly."),
 ) -> None:
     """Remove each block, sublayer or head in turn and measure the damage, with 95% bootstrap CIs."""
     import time
@@ -80,6 +86,16 @@ def ablate(
         if value < least:
             fail(f"{option} {value} must be at least {least}")
     options = A.EvalOptions(metrics=metric_list, seed=seed, batch_size=batch_size, n_boot=n_boot, threads=threads)
+    if check_choice("--estimate", estimate, ("none", *A.ESTIMATES)) == "none" and (verify_top or verify_all):
+        fail("--verify-top / --verify-all check an estimate: add --estimate atp (or atp-qk, atpstar)")
+    if estimate != "none":
+        from streamlens.cli.attribution import ablate_estimate
+
+        return ablate_estimate(options, estimate=estimate, verify_top=verify_top, verify_all=verify_all,
+                               effect=effect, cumulative=cumulative, model=model, data=data, unit=unit,
+                               method=method, layers=layer_list, heads=head_list, positions=positions,
+                               device=device, dtype=dtype, window=window, max_windows=max_windows, out=out,
+                               started=started)
     from rich.console import Console
 
     from streamlens.files import check_out_dir, write_outputs
