@@ -122,7 +122,7 @@ def attribute(
             if estimate == "atpstar":
                 dropped[:, :, :, rows] = part.grad_drop()
             if estimate != "atp":
-                per_text[:, :, rows] += part.qk_fix(options.batch_size, progress)
+                per_text[:, :, rows] += part.qk_fix(options.batch_size)
             if progress is not None:
                 progress(1)
     values, low, high = M.bootstrap_ci(per_text, n_boot=options.n_boot, seed=options.seed)
@@ -199,10 +199,8 @@ class _Chunk:
         self.clean_loss = M.per_text_means(_token_values(logits.detach(), labels, None, ("loss_increase",))[0],
                                            text_index, batch.n_texts).double().cpu()
         self.grad_names = sorted(grad_names)
-        self.inputs = [self.tensors[name] for name in self.grad_names]
         self.deltas = {w: replacements[w] - R.part(w, self.tensors[w.hook_name].detach())
                        for w in writes}
-        self.patterns = sorted(extra) if qk else []
         self.grads = [self._grads(index) for index in range(len(names))]  # [metric] {hook name: grad}
 
     def _grad_hook(self, site: Site) -> str:
@@ -250,30 +248,27 @@ class _Chunk:
         """The unit's change of the stream, replacement - write, [n, pos, d_model] (broadcast)."""
         return sum(R.as_write(self.model, w, self.deltas[w]) for w in Ablation((site,)).writes)
 
-    def qk_fix(self, batch_size: int, progress: Progress | None) -> Float[torch.Tensor, "unit metric text"]:
+    def qk_fix(self, batch_size: int) -> Float[torch.Tensor, "unit metric text"]:
         """Per unit: sum over later layers L' of (exact - linear) pattern term (module docstring)."""
-        model, n = self.model, self.n_texts
-        later = range(1, model.n_layers)
+        later = range(1, self.model.n_layers)
         pattern_names = [sites.attn_pattern(layer) for layer in later]
-        out = torch.zeros(len(self.chosen), len(self.names), n, dtype=torch.float64)
-        for metric in range(len(self.names)):
-            d_pattern = self._grads(metric, pattern_names)  # dM / dA_L', [n, heads, q, k]
-            for layer in later:
-                pattern = self.tensors[sites.attn_pattern(layer)]
-                resid = self.tensors[sites.resid_pre(layer)]
-                with torch.inference_mode(False), torch.enable_grad():
-                    (qk_grad,) = torch.autograd.grad(pattern, resid, d_pattern[sites.attn_pattern(layer)],
-                                                     retain_graph=True)
-                rows = [row for row, site in enumerate(self.chosen) if site.layer < layer]
+        d_patterns = [self._grads(metric, pattern_names) for metric in range(len(self.names))]  # dM/dA_L'
+        out = torch.zeros(len(self.chosen), len(self.names), self.n_texts, dtype=torch.float64)
+        for layer in later:
+            rows = [row for row, site in enumerate(self.chosen) if site.layer < layer]
+            d_pattern = torch.stack([d[sites.attn_pattern(layer)] for d in d_patterns])  # [metric, n, h, q, k]
+            exact = self._exact_pattern_terms(layer, rows, d_pattern, batch_size)  # [unit, metric, n]
+            pattern, resid = self.tensors[sites.attn_pattern(layer)], self.tensors[sites.resid_pre(layer)]
+            for metric in range(len(self.names)):
+                with torch.inference_mode(False), torch.enable_grad():  # the q/k path only: A_L'(resid_pre_L')
+                    (qk_grad,) = torch.autograd.grad(pattern, resid, d_pattern[metric], retain_graph=True)
                 linear = torch.stack([_dot(self.write_delta(self.chosen[row]), qk_grad) for row in rows])
-                exact = self._exact_pattern_terms(layer, rows, d_pattern[sites.attn_pattern(layer)], batch_size)
-                out[rows, metric] += exact - linear
-        self.gates.dropped = None
+                out[rows, metric] += exact[:, metric] - linear
         return out
 
     def _exact_pattern_terms(self, layer: int, rows: list[int], d_pattern: torch.Tensor,
                              batch_size: int) -> torch.Tensor:
-        """(A_L'(resid + delta_u) - A_L') . dM/dA_L' per text, for the units `rows`: [len(rows), n]."""
+        """(A_L'(resid + delta_u) - A_L') . dM/dA_L' per text for the units `rows`: [unit, metric, n]."""
         n = self.n_texts
         clean_pattern = self.tensors[sites.attn_pattern(layer)].detach()
         resid = self.tensors[sites.resid_pre(layer)].detach()
@@ -285,7 +280,7 @@ class _Chunk:
                 streams = torch.cat([resid + self.write_delta(self.chosen[row]) for row in group])
                 patterns = self.model.run_to(streams, sites.attn_pattern(layer), start_at_layer=layer)
                 change = einops.rearrange(patterns, "(k n) h q s -> k n h q s", k=len(group)) - clean_pattern
-                out.append(einops.einsum(change.double(), d_pattern.double(), "k n h q s, n h q s -> k n"))
+                out.append(einops.einsum(change.double(), d_pattern.double(), "k n h q s, m n h q s -> k m n"))
         return torch.cat(out).cpu()
 
 
