@@ -383,8 +383,11 @@ def agreement(estimate: AblationResult, exact: AblationResult, metric: str = "lo
         raise ValueError(f"estimate and exact result share {len(common)} units: need at least 3 to correlate")
     if estimate.n_texts != exact.n_texts:
         raise ValueError(f"estimate has {estimate.n_texts} texts and exact {exact.n_texts}: use the same batch")
-    pick = lambda result: result.per_text[[result.units.index(u) for u in common], result.metrics.index(metric)]  # noqa: E731
-    guess, truth = pick(estimate), pick(exact)  # [unit, text]
+
+    def pick(result: AblationResult) -> torch.Tensor:  # [unit, text] of the common units
+        return result.per_text[[result.units.index(u) for u in common], result.metrics.index(metric)]
+
+    guess, truth = pick(estimate), pick(exact)
     draws = M.bootstrap_indices(guess.shape[1], n_boot, seed)
     boot_guess, boot_truth = guess[:, draws].mean(-1), truth[:, draws].mean(-1)  # [unit, n_boot]
 

@@ -25,7 +25,8 @@ def ablate_estimate(options: Any, *, estimate: str, verify_top: int, verify_all:
     from streamlens.files import check_out_dir, write_outputs
 
     if effect != "total":
-        fail(f"--effect {effect!r} with --estimate {estimate!r}: the estimate is of the total effect (use --effect total)")
+        fail(f"--effect {effect!r} with --estimate {estimate!r}: the estimate is of the total effect "
+             f"(use --effect total)")
     if cumulative != "none":
         fail(f"--cumulative {cumulative!r} with --estimate {estimate!r}: cumulative removal is measured, not "
              f"estimated (use --cumulative none)")
@@ -54,7 +55,8 @@ def ablate_estimate(options: Any, *, estimate: str, verify_top: int, verify_all:
         top = n_units if verify_all else min(verify_top, n_units)
         n_chunks = -(-batch.n_texts // min(options.batch_size, batch.n_texts))
         with progress_bar(console) as bar:
-            task = bar.add_task(f"estimating {n_units} {unit} units ({estimate})", total=n_chunks * (1 + top))  # estimate: 1 a chunk; exact: 1 a unit and chunk
+            # steps: the estimate 1 a chunk of texts, the exact check 1 a unit and chunk
+            task = bar.add_task(f"estimating {n_units} {unit} units ({estimate})", total=n_chunks * (1 + top))
             tick = time.perf_counter()
             result = A.attribute(loaded, batch, unit, method, layers, heads, options, estimate=estimate,
                                  progress=lambda n: bar.advance(task, n), command=command)
@@ -99,7 +101,7 @@ def _table(estimate, exact):
     metric = estimate.metrics[0]
     table = Table(title=f"{metric}: estimate ({estimate.estimate}, not measured)"
                         + (" and exact" if exact is not None else "") + f"; 95% CI over {estimate.n_texts} texts")
-    for column in ("unit", f"estimate [95% CI]", *(("exact [95% CI]",) if exact is not None else ())):
+    for column in ("unit", "estimate [95% CI]", *(("exact [95% CI]",) if exact is not None else ())):
         table.add_column(column, justify="right", no_wrap=True)
     for row in ranking(estimate)[:10]:
         cells = [estimate.units[row], _cell(estimate, row, metric)]
