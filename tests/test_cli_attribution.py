@@ -76,3 +76,17 @@ def test_figures_say_estimate(tiny):
     assert "estimate" in damage(estimate).data[0].name and "Estimated" not in damage(exact).layout.title.text
     with pytest.raises(ValueError, match="not an estimate"):
         plots.estimate_vs_exact(exact, estimate)
+
+
+@pytest.mark.real
+def test_real_model_estimate_with_verification(tmp_path):
+    out = tmp_path / "out"
+    result = _run("--unit", "block", "--method", "mean", "--estimate", "atp", "--verify-top", "3", "--window", "16",
+                  "--max-windows", "4", "--bootstrap", "200", "--threads", "1", "--out", out)
+    assert result.exit_code == 0, result.output
+    estimate = pd.read_csv(out / "ablation.csv")
+    assert len(estimate) == 30 and set(estimate["estimate"]) == {"atp"}
+    verify = pd.read_csv(out / "ablation_verify.csv")
+    top = estimate.reindex(estimate["value"].abs().sort_values(ascending=False).index)["unit"].head(3).tolist()
+    assert verify["unit"].tolist() == top
+    assert (verify["exact_ci_low"] <= verify["exact"] + 1e-9).all()
