@@ -33,7 +33,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 # Inside a package, the same rule over its modules (a module may import those listed before it).
 INNER: dict[str, tuple[str, ...]] = {
-    "ablation": ("spec", "options", "replace", "apply", "engine", "swap", "checkpoint", "backends", "__init__"),
+    "ablation": ("spec", "options", "replace", "apply", "engine", "swap", "checkpoint", "backends", "attribute",
+                 "__init__"),
     "highway": ("real", "toy", "__init__"),
     "layers": ("scores", "repair", "verdict", "study", "__init__"),
     "model": ("fidelity", "handle", "cache", "folders", "loading", "__init__"),
@@ -41,7 +42,7 @@ INNER: dict[str, tuple[str, ...]] = {
                 "__init__"),
     "identity": ("probe", "measure", "__init__"),
     "tunedlens": ("train", "evaluate", "__init__"),
-    "pages": ("html", "ablation", "highway", "carry", "layers", "report", "__init__"),
+    "pages": ("html", "ablation", "attribution", "highway", "carry", "layers", "report", "__init__"),
 }
 
 

@@ -70,6 +70,12 @@ def ablate(
     workers: int = B.WORKERS,
     ray_address: str = B.RAY_ADDRESS,
     checkpoint: bool = B.CHECKPOINT,
+    estimate: str = typer.Option("none", "--estimate", help="none (measure each unit); atp: estimate every unit at "
+                                 "once from one forward and backward pass (attribution patching); atp-qk, atpstar: "
+                                 "with AtP*'s fixes (README: Attribution patching)."),
+    verify_top: int = typer.Option(0, "--verify-top", help="With --estimate: re-measure exactly the K units with "
+                                   "the largest estimate; writes ablation_verify.csv (side by side)."),
+    verify_all: bool = typer.Option(False, "--verify-all", help="With --estimate: re-measure every unit exactly."),
 ) -> None:
     """Remove each block, sublayer or head in turn and measure the damage, with 95% bootstrap CIs."""
     import time
@@ -91,6 +97,21 @@ def ablate(
         prompts = _check_data(data, window, max_windows, positions, metric_list)
     except (ValueError, OSError) as error:
         fail(str(error))
+    if check_choice("--estimate", estimate, ("none", *A.ESTIMATES)) == "none" and (verify_top or verify_all):
+        fail("--verify-top / --verify-all check an estimate: add --estimate atp (or atp-qk, atpstar)")
+    if estimate != "none":
+        if on_ray:
+            fail(f"--estimate {estimate} runs in this process: drop --workers / --ray-address")
+        from streamlens.cli.attribution import ablate_estimate
+
+        options = A.EvalOptions(metrics=metric_list, seed=seed, batch_size=batch_size or 16, n_boot=n_boot,
+                                threads=use_threads(threads))
+        window, max_windows = (None, None) if prompts else (window or 64, max_windows or 16)
+        return ablate_estimate(options, estimate=estimate, verify_top=verify_top, verify_all=verify_all,
+                               effect=effect, cumulative=cumulative, model=model, data=data, unit=unit,
+                               method=method, layers=layer_list, heads=head_list, positions=positions,
+                               device=device, dtype=dtype, window=window or 64, max_windows=max_windows, out=out,
+                               started=started)
     from rich.console import Console
 
     from streamlens import data as D

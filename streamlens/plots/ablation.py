@@ -52,6 +52,9 @@ def damage(result: AblationResult, metric: str = "loss_increase") -> go.Figure:
     effects = ", ".join(sorted(set(result.effects)))
     title = (f"{_TITLES.get(metric, metric)} when each unit is removed ({methods} ablation, {effects} effect; "
              f"95% CI over {result.n_texts} texts)")
+    if getattr(result, "estimate", ""):  # a first-order estimate (ablation.attribute), not a measurement
+        title = f"Estimated ({result.estimate}): {title}"
+        fig.update_traces(name=f"{metric} (estimate, {result.estimate})")
     fig = finish(fig, title, "unit removed", _axis(metric))
     fig.update_xaxes(type="category", tickangle=-60 if len(values) > 12 else 0)
     return fig

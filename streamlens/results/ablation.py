@@ -60,12 +60,18 @@ class AblationResult(Damage):
 
     Row i removed the sites `sites[i]` (one unit, or a set) with `methods[i]`, measuring
     `effects[i]`. clean_loss [text]: the clean model's mean next-token loss per text, for scale.
+
+    `estimate` is "" for measured effects and names the first-order method otherwise ("atp",
+    "atp-qk", "atpstar": `ablation.attribute`); `cancellation` [row, metric] is AtP*'s GradDrop
+    score when it was computed (a ranking score in the metric's unit, not an effect).
     """
 
     sites: tuple[tuple[Site, ...], ...] = ()
     methods: tuple[str, ...] = ()
     effects: tuple[str, ...] = ()
     clean_loss: Float[torch.Tensor, "text"] | None = None
+    estimate: str = ""
+    cancellation: Float[torch.Tensor, "row metric"] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sites", _sites(self.sites))
@@ -97,10 +103,16 @@ class AblationResult(Damage):
         return float(self.values[self.units.index(unit), self.metrics.index(metric)])
 
     def to_dataframe(self) -> "pd.DataFrame":
-        """One row per (unit, metric): unit, kind, layer, head, method, effect, metric, value, ci_low, ci_high."""
+        """One row per (unit, metric): unit, kind, layer, head, method, effect, metric, value, ci_low, ci_high
+        (estimates: an `estimate` column naming the method, and `graddrop_score` when computed)."""
         labels = {"unit": self.units, "kind": self.kinds, "layer": self.layers, "head": self.heads,
                   "method": self.methods, "effect": self.effects}
-        return frame(self._rows(labels))
+        table = frame(self._rows(labels))
+        if self.estimate:
+            table.insert(6, "estimate", self.estimate)
+        if self.cancellation is not None:
+            table["graddrop_score"] = self.cancellation.flatten().tolist()  # row-major = (unit, metric) order
+        return table
 
 
 @dataclass(frozen=True)

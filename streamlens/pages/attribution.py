@@ -1,0 +1,102 @@
+"""What `streamlens ablate --estimate ...` writes: the estimate (marked), the exact re-measurement of
+the top units side by side, the JSON of metadata and the offline HTML page.
+
+Built only from results and settings (no model runs).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from streamlens.data import TokenBatch
+from streamlens.model import Model
+from streamlens.pages.html import Report, Section
+from streamlens.plots import ablation as damage_plots
+from streamlens.plots import attribution as plots
+from streamlens.results import AblationResult
+
+
+def side_by_side_table(estimate: AblationResult, exact: AblationResult):
+    """One row per (verified unit, metric): unit, kind, layer, head, method, metric, estimate and its
+    CI, exact and its CI, estimate - exact (pandas DataFrame)."""
+    import pandas as pd
+
+    rows = []
+    for index, unit in enumerate(exact.units):
+        row = estimate.units.index(unit)
+        for metric in exact.metrics:
+            if metric not in estimate.metrics:
+                continue
+            e, x = estimate.metrics.index(metric), exact.metrics.index(metric)
+            rows.append({"unit": unit, "kind": exact.kinds[index], "layer": exact.layers[index],
+                         "head": exact.heads[index], "method": exact.methods[index], "metric": metric,
+                         "estimate_method": estimate.estimate, "estimate": float(estimate.values[row, e]),
+                         "estimate_ci_low": float(estimate.ci_low[row, e]),
+                         "estimate_ci_high": float(estimate.ci_high[row, e]),
+                         "exact": float(exact.values[index, x]), "exact_ci_low": float(exact.ci_low[index, x]),
+                         "exact_ci_high": float(exact.ci_high[index, x]),
+                         "error": float(estimate.values[row, e] - exact.values[index, x])})
+    return pd.DataFrame(rows)
+
+
+def attribution_files(
+    estimate: AblationResult,
+    exact: AblationResult | None,
+    agreement: Any,
+    batch: TokenBatch,
+    model: Model,
+    settings: dict[str, Any],
+    seconds: dict[str, float],
+) -> dict[str, str]:
+    """File name -> content: ablation.csv (the estimate, with an `estimate` column), ablation.json,
+    ablation.html, and with a verification ablation_verify.csv (estimate and exact side by side).
+
+    Args:
+        exact: the exact re-measurement of some units (`ablation.verify`), or None.
+        agreement: `ablation.attribute.Agreement` of estimate and exact (None without 3+ verified units).
+        seconds: {"estimate": ..., "verify": ..., "total": ...}.
+    """
+    metric = estimate.metrics[0]
+    label = f"estimate ({estimate.estimate})"
+    ci = "error bars: 95% bootstrap intervals over texts (windows or prompts)"
+    sections = [Section(f"Estimated damage of removing each unit ({label}, not measured)",
+                        f"{metric} estimated to first order, (replacement - write) . gradient, per text; {ci}.",
+                        damage_plots.damage(estimate, metric))]
+    if exact is not None:
+        sections.append(Section("Estimate and exact, side by side",
+                                f"The {len(exact.units)} units with the largest {label}, re-measured with the exact "
+                                f"engine; {ci}.", plots.side_by_side(estimate, exact, metric)))
+        sections.append(Section("Estimate vs exact", f"Each re-measured unit: exact (x) against {label} (y); {ci}.",
+                                plots.estimate_vs_exact(estimate, exact, metric)))
+    info, provenance = model.info, estimate.provenance
+    agree = None
+    if agreement is not None:
+        agree = {"metric": agreement.metric, "units": agreement.n_units, "spearman": list(agreement.spearman),
+                 "pearson": list(agreement.pearson), "recall": agreement.recall, "top": agreement.top,
+                 "among": agreement.among, "max_abs_error": agreement.max_abs_error}
+    metadata = {
+        **settings,
+        "model": info.name, "architecture": info.architecture, "weights_hash": info.weights_hash,
+        "dtype": info.dtype, "device": info.device, "data": batch.description, "n_texts": batch.n_texts,
+        "n_tokens": int(batch.valid.sum()), "n_predictions": batch.n_scored, "metrics": list(estimate.metrics),
+        "estimate": estimate.estimate, "verified_units": None if exact is None else list(exact.units),
+        "agreement": agree, "bootstrap": {"replicates": settings.get("bootstrap"), "level": 0.95,
+                                          "resampling_unit": "text (window or prompt)"},
+        "versions": provenance.versions, "created": provenance.created,
+        "seconds": {name: round(value, 2) for name, value in seconds.items()},
+        "clean_loss": float(estimate.clean_loss.mean()),
+    }
+    facts = (("model", f"{info.name} ({info.n_layers} layers, {info.dtype} on {info.device})"),
+             ("weights sha256", info.weights_hash), ("data", batch.description),
+             ("ablation", f"{settings.get('unit')} units, {settings.get('method')}, total effect, {label}"),
+             ("command", str(settings.get("command"))), ("made", f"{provenance.created}, {seconds['total']:.1f} s"))
+    files = {
+        "ablation.csv": estimate.to_dataframe().to_csv(index=False),
+        "ablation.json": json.dumps(metadata, indent=2),
+        "ablation.html": Report(f"streamlens ablate --estimate {estimate.estimate}: {info.name}", facts,
+                                tuple(sections)).to_html(),
+    }
+    if exact is not None:
+        files["ablation_verify.csv"] = side_by_side_table(estimate, exact).to_csv(index=False)
+    return files
