@@ -62,7 +62,7 @@ def write_atomic(path: str | os.PathLike[str], content: str | bytes) -> Path:
     try:
         with handle:
             handle.write(content)
-        os.chmod(handle.name, 0o666 & ~_umask())  # temporary files are private; outputs are not
+        os.chmod(handle.name, 0o666 & ~umask())  # temporary files are private; outputs are not
         os.replace(handle.name, target)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
@@ -70,7 +70,8 @@ def write_atomic(path: str | os.PathLike[str], content: str | bytes) -> Path:
     return target
 
 
-def _umask() -> int:
+def umask() -> int:
+    """This process's umask (read without changing it for long)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -146,11 +147,12 @@ def _sweep(folder: Path) -> None:
     """Remove staging folders left by processes that no longer run (killed mid-write)."""
     for path in folder.glob(f"{_STAGING}*"):
         pid = path.name[len(_STAGING):].split("-")[0]
-        if pid.isdigit() and path.is_dir() and not _alive(int(pid)):
+        if pid.isdigit() and path.is_dir() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs (one we may not signal counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

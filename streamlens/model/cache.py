@@ -29,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from streamlens.files import process_alive, umask, write_atomic
+
 CACHE_ENV = "STREAMLENS_CACHE"
 MANIFEST = "manifest.json"
 FORMAT = 1  # bump when an entry's layout changes: older entries are then rebuilt as stale
@@ -82,7 +84,7 @@ def source_hash(path: Path, verify: bool = False) -> str:
     digest = file_hash(path)
     try:  # best effort: a read-only cache just re-hashes next time
         memo.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(memo, digest + "\n")
+        write_atomic(memo, digest + "\n")
     except OSError:
         pass
     return digest
@@ -169,7 +171,7 @@ def _check(folder: Path, source: str, versions: dict[str, str], verify: bool) ->
             facts["mtime_ns"] = stat.st_mtime_ns
     if touched:  # same bytes, new mtime (a copy, a touch): remember it so the next load is cheap again
         try:
-            _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
+            write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
         except OSError:
             pass
     return None
@@ -185,15 +187,15 @@ def _build(folder: Path, gguf: Path, source: str, versions: dict[str, str], buil
         for path in sorted(tmp.iterdir()):
             if not path.is_file() or path.name == MANIFEST:
                 raise CacheError(f"building the cache entry left {path.name!r}, which is not a plain file")
-            os.chmod(path, 0o666 & ~_umask())
+            os.chmod(path, 0o666 & ~umask())
             stat = path.stat()
             files[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_hash(path)}
         if "model.safetensors" not in files:
             raise CacheError(f"converting {gguf} wrote no model.safetensors")
         manifest = {"format": FORMAT, "source": str(gguf), "source_sha256": source, "versions": versions,
                     "files": files}
-        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        os.chmod(tmp, 0o777 & ~_umask())
+        write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        os.chmod(tmp, 0o777 & ~umask())
         tmp.rename(folder)  # atomic: a half-built entry is never seen under the entry's name
     except BaseException:  # failures and interrupts alike: never leave a half-built folder
         shutil.rmtree(tmp, ignore_errors=True)
@@ -230,26 +232,4 @@ def _sweep(root: Path) -> None:
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # under the lock, our own leftovers (an earlier failed build) are stale too
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return process_alive(pid)
