@@ -120,7 +120,7 @@ def ablate(
     from streamlens.pages.ablation import ablation_files
     from streamlens.results import command_line
 
-    threads = use_threads(threads)
+    used_threads = use_threads(threads)  # this process; Ray workers get --threads or 1 each
     ray = B.connect(workers, ray_address, device, threads) if on_ray else None
     try:
         loaded = load_model(model, dtype=dtype, device="cpu" if on_ray else device, verify=verify)  # on Ray the workers compute
@@ -129,7 +129,8 @@ def ablate(
         A.units(loaded, unit, layer_list, head_list)  # layer and head ranges: checked before any work
         if batch_size is None:  # resuming keeps the unfinished run's; else 16, or what fits on the GPU
             batch_size = (checkpoint and B.stored_batch_size(out)) or B.choose_batch_size(ray, loaded, batch, device)
-        options = A.EvalOptions(metrics=metric_list, seed=seed, batch_size=batch_size, n_boot=n_boot, threads=threads)
+        options = A.EvalOptions(metrics=metric_list, seed=seed, batch_size=batch_size, n_boot=n_boot,
+                                threads=used_threads)
         identity = {"unit": unit, "method": method, "effect": effect, "cumulative": cumulative, "layers": layers,
                     "heads": heads, "metrics": metrics, "seed": seed, "batch_size": batch_size}
         backend, saved = B.backend_for(ray, checkpoint, out, loaded, batch, identity)
