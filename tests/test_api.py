@@ -67,4 +67,4 @@ def test_every_streamlens_import_in_readme_docs_and_notebooks_resolves():
                                 line)})
     assert lines, "no streamlens imports found: the pattern is wrong"
     for line in lines:
-        exec(line.split("#")[0], {})  # noqa: S102 - our own README and notebooks
+        exec(line.split("#")[0], {})  # noqa: S102 - our own README, docs and notebooks
