@@ -95,8 +95,10 @@ def logit_stats(
 
     Args:
         normed: final stream after the final norm, [N, d_model].
-        W_U, b_U: unembedding [d_model, d_vocab] and its bias [d_vocab].
-        labels: next token of each prediction [N] (>= 0). targets: [N] or None.
+        W_U: unembedding [d_model, d_vocab].
+        b_U: its bias [d_vocab].
+        labels: next token of each prediction [N] (>= 0).
+        targets: the target token of each prediction [N], or None.
         reference: the clean distribution; None when `normed` *is* the clean run (then p is built
             from these logits in a second pass and returned).
         chunk: vocabulary entries per matmul (bounds memory at N x chunk).

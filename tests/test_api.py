@@ -1,5 +1,5 @@
-"""The public API stays: every name the README and the notebooks use still imports (moves inside the
-package must not break a user's code)."""
+"""The public API stays: every name the README, the manual (docs/) and the notebooks use still imports
+(moves inside the package must not break a user's code)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,22 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# (module, names) as written in README.md and notebooks/*.ipynb
+# (module, names) as written in README.md, docs/*.md and notebooks/*.ipynb
 PUBLIC = {
     "streamlens": ["load_model", "Model", "ModelLoadError", "Site", "record", "decompose", "logit_lens",
                    "StreamWrites", "LogitDecomposition", "LogitLens", "Provenance"],
     "streamlens.ablation": ["Ablation", "ablated", "evaluate", "sweep", "cumulative", "by_damage", "units",
-                            "EvalOptions", "METHODS", "EFFECTS", "UNIT_KINDS", "CUMULATIVE_MODES", "donor_rows"],
+                            "EvalOptions", "METHODS", "EFFECTS", "UNIT_KINDS", "CUMULATIVE_MODES", "donor_rows",
+                            "attribute", "verify", "agreement", "RayBackend", "LocalBackend", "Checkpoint"],
+    "streamlens.ablation.swap": ["Swap", "evaluate"],
     "streamlens.data": ["load_batch", "load_prompts"],
+    "streamlens.corpus": ["text_windows", "TextWindows"],
+    "streamlens.sources": ["attention_sources"],
+    "streamlens.identity": ["token_identity", "TokenIdentity"],
+    "streamlens.tunedlens": ["TunedLens", "train_tuned_lens", "compare_lenses", "LensComparison"],
+    "streamlens.layers": ["layer_study", "StudyConfig", "LayerStudy", "stream_scores", "spearman_ci", "self_repair"],
+    "streamlens.plots.attribution": ["estimate_vs_exact", "side_by_side"],
+    "streamlens.plots.layers": ["removal_profile", "span_curve", "repair_scatter"],
     "streamlens.highway": ["ToyConfig", "toy_highway", "skip_gradients", "highway_tokens", "make_stack",
                            "torch_init_ratio", "zero_branch_check", "ToyHighway", "RealHighway"],
     "streamlens.sites": ["Site"],
@@ -44,12 +53,18 @@ def _code_of_notebooks() -> str:
     return "\n".join(cells)
 
 
-def test_every_streamlens_import_in_readme_and_notebooks_resolves():
-    """Each `from streamlens... import ...` / `import streamlens...` line in the README and notebooks works."""
-    text = (ROOT / "README.md").read_text() + "\n" + _code_of_notebooks()
+def _manual() -> str:
+    pages = sorted((ROOT / "docs").rglob("*.md"))
+    assert pages, "docs/ has no pages"
+    return "\n".join(page.read_text() for page in pages)
+
+
+def test_every_streamlens_import_in_readme_docs_and_notebooks_resolves():
+    """Each `from streamlens... import ...` / `import streamlens...` line in the README, docs/ and notebooks works."""
+    text = (ROOT / "README.md").read_text() + "\n" + _manual() + "\n" + _code_of_notebooks()
     lines = sorted({line.strip() for line in text.splitlines()
                     if re.match(r"\s*(from streamlens[\w.]* import [\w, ]+|import streamlens[\w.]*( as \w+)?)\s*(#.*)?$",
                                 line)})
     assert lines, "no streamlens imports found: the pattern is wrong"
     for line in lines:
-        exec(line.split("#")[0], {})  # noqa: S102 - our own README and notebooks
+        exec(line.split("#")[0], {})  # noqa: S102 - our own README, docs and notebooks

@@ -1,163 +1,114 @@
-"""The package reads top to bottom: each module imports only from layers above it (checked on the
-import statements themselves, lazy and TYPE_CHECKING imports included), and the README's layout
-names every module."""
+"""The package reads top to bottom: the import contract in pyproject.toml (`[tool.importlinter]`) holds on
+this tree, and breaks on a copy with one upward import, a cycle inside a layer, a root import or a new
+importlib use; and docs/architecture.md names every module."""
 
 from __future__ import annotations
 
-import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = ROOT / "streamlens"
+import streamlens
 
-# Top to bottom. A module may import from its own layer and the layers above it, never below.
-LAYERS: tuple[tuple[str, ...], ...] = (
-    ("__init__", "files", "sites"),                # foundations: no streamlens imports (the package's
-                                                   # own __init__ loads its exports lazily, by name)
-    ("model", "testing"),                          # the only code touching transformer-lens / HF
-    ("data",),                                     # text sources, windows, prompt sets
-    ("results",),                                  # frozen result classes (what analyses return)
-    ("metrics", "recording", "decomposition"),     # record, decompose, metrics
-    ("ablation",),                                 # spec, options, replace, apply, engine
-    ("highway",),                                  # toy, real
-    ("exactness",),                                # streamlens check: is streamlens exact on a model
-    ("corpus", "sources", "identity", "tunedlens"),  # what the stream carries: windows by text, attention
-                                                   # sources, token identity, the tuned lens
-    ("layers",),                                   # scores, repair, verdict, study
-    ("plots",),                                    # figures from results only
-    ("pages",),                                    # HTML pages composed from figures
-    ("cli", "__main__"),                           # parse -> call -> page -> write
-)
-# Inside a package, the same rule over its modules (a module may import those listed before it).
-INNER: dict[str, tuple[str, ...]] = {
-    "ablation": ("spec", "options", "replace", "apply", "engine", "swap", "checkpoint", "backends", "attribute",
-                 "__init__"),
-    "highway": ("real", "toy", "__init__"),
-    "layers": ("scores", "repair", "verdict", "study", "__init__"),
-    "model": ("fidelity", "handle", "cache", "folders", "loading", "__init__"),
-    "results": ("base", "stream", "ablation", "highway", "check", "sources", "identity", "tunedlens", "layers",
-                "__init__"),
-    "identity": ("probe", "measure", "__init__"),
-    "tunedlens": ("train", "evaluate", "__init__"),
-    "pages": ("html", "ablation", "attribution", "highway", "carry", "layers", "report", "__init__"),
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = Path(streamlens.__file__).resolve().parent   # the tree under test (editable install or PYTHONPATH)
+CONFIG = ROOT / "pyproject.toml"
+LINT = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+
+
+def lint(package: Path) -> subprocess.CompletedProcess[str]:
+    """Run `lint-imports` with this repository's contracts on the `streamlens` package at `package`.
+
+    A separate process, so that the package it finds on sys.path is `package`, not the one imported here.
+    """
+    env = {**os.environ, "PYTHONPATH": str(package.parent), "COLUMNS": "200", "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-c", LINT, str(CONFIG), "--no-cache", "--no-logo"],
+                          cwd=package.parent, env=env, capture_output=True, text=True, timeout=120)
+
+
+def broken(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """The names of the contracts that `lint-imports` reported BROKEN."""
+    return [found.group(1) for line in result.stdout.splitlines() if (found := re.match(r"(.+) BROKEN( \(.*\))?$", line))]
+
+
+def test_the_import_contract_holds():
+    result = lint(PACKAGE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"Contracts: \d+ kept, 0 broken", result.stdout), result.stdout
+
+
+def _copy_with(tmp_path: Path, changes: dict[str, str]) -> Path:
+    """A copy of the package with `code` appended to each module path in `changes`."""
+    copy = tmp_path / "streamlens"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    for module, code in changes.items():
+        path = copy / module
+        path.write_text(path.read_text() + "\n" + textwrap.dedent(code) + "\n")
+    return copy
+
+
+TOP, CYCLE = "streamlens reads top to bottom", "no import cycle"
+# (changes to a copy, contracts that must break, a line of the report). An upward import breaks more than
+# its own contract: it closes a cycle, and the layers contracts of the packages on that cycle see it too.
+BREAKS = {
+    "upward import": ({"results/base.py": "from streamlens.pages.html import Report"},
+                      (TOP, CYCLE), "streamlens.results.base -> streamlens.pages.html"),
+    "lazy upward import": ({"results/base.py": "def later():\n    from streamlens import cli"},
+                           (TOP, CYCLE), "streamlens.results.base -> streamlens.cli"),
+    "upward import inside a package": ({"ablation/spec.py": "from streamlens.ablation.engine import evaluate"},
+                                       (CYCLE, "inside streamlens.ablation"),
+                                       "streamlens.ablation.spec -> streamlens.ablation.engine"),
+    "root import and attribute access": ({"results/base.py": "import streamlens\nlater = lambda: streamlens.cli"},
+                                         ("no module imports the streamlens root",), "streamlens.results.base -> streamlens"),
+    "importlib in a new place": ({"data.py": "import importlib"}, ("importlib only where",), "streamlens.data -> importlib"),
 }
 
 
-def _top(module: str) -> str:
-    """'streamlens.ablation.engine' -> 'ablation'."""
-    return module.split(".")[1] if module.count(".") >= 1 else ""
+@pytest.mark.parametrize("case", sorted(BREAKS))
+def test_the_contract_breaks(tmp_path, case):
+    changes, contracts, line = BREAKS[case]
+    result = lint(_copy_with(tmp_path, changes))
+    assert result.returncode == 1, result.stdout + result.stderr
+    names = broken(result)
+    assert all(any(name.startswith(contract) for name in names) for contract in contracts), result.stdout
+    assert line in result.stdout, result.stdout
 
 
-def _rank(top: str) -> int:
-    for rank, names in enumerate(LAYERS):
-        if top in names:
-            return rank
-    raise KeyError(top)
+def test_a_cycle_inside_a_layer_breaks_the_contract(tmp_path):
+    """identity and tunedlens share a layer: each importing the other is a cycle, caught twice."""
+    copy = _copy_with(tmp_path, {"identity/measure.py": "from streamlens.tunedlens import train",
+                                 "tunedlens/train.py": "from streamlens.identity import probe"})
+    result = lint(copy)
+    assert result.returncode == 1, result.stdout + result.stderr
+    names = broken(result)
+    assert len(names) == 2, result.stdout
+    assert names[0].startswith(TOP) and names[1].startswith(CYCLE), names
+    for line in ("streamlens.identity.measure -> streamlens.tunedlens.train",
+                 "streamlens.tunedlens.train -> streamlens.identity.probe"):
+        assert line in result.stdout, result.stdout
 
 
-def _imports(path: Path, package_root: Path) -> list[tuple[int, str]]:
-    """(line, module) of every `streamlens.*` import in a file, at any depth of the syntax tree."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    here = ".".join(path.relative_to(package_root.parent).with_suffix("").parts)
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name) for alias in node.names if alias.name.startswith("streamlens.")]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative import: resolve against this module's package
-                parts = here.split(".")[: -node.level]
-                base = ".".join([*parts, base] if base else parts)
-            if base != "streamlens" and not base.startswith("streamlens."):
-                continue
-            for alias in node.names:  # `from streamlens.ablation import replace` imports a module
-                candidate = package_root.parent.joinpath(*f"{base}.{alias.name}".split("."))
-                is_module = candidate.with_suffix(".py").exists() or (candidate / "__init__.py").exists()
-                found.append((node.lineno, f"{base}.{alias.name}" if is_module else base))
-    return found
+def test_a_new_module_must_be_placed(tmp_path):
+    copy = _copy_with(tmp_path, {})
+    (copy / "newthing.py").write_text('"""Not in any layer yet."""\n')
+    result = lint(copy)
+    assert result.returncode == 1 and broken(result) == [broken(result)[0]] and broken(result)[0].startswith(TOP), result.stdout
+    assert "streamlens.newthing" in result.stdout, result.stdout
 
 
-def violations(package_root: Path) -> list[str]:
-    """Every import that goes up the layer list (or names a module the list does not place)."""
-    problems = []
-    for path in sorted(package_root.rglob("*.py")):
-        parts = path.relative_to(package_root).with_suffix("").parts
-        top = parts[0]
-        try:
-            rank = _rank(top)
-        except KeyError:
-            problems.append(f"{path.relative_to(package_root.parent)}: module {top!r} is in no layer of LAYERS")
-            continue
-        for line, module in _imports(path, package_root):
-            target = _top(module)
-            try:
-                target_rank = _rank(target)
-            except KeyError:
-                problems.append(f"{path.relative_to(package_root.parent)}:{line} imports {module}, in no layer")
-                continue
-            where = f"{path.relative_to(package_root.parent)}:{line} imports {module}"
-            if target_rank > rank:
-                problems.append(f"{where}: layer {LAYERS[target_rank]} is below {LAYERS[rank]}")
-            elif target == top and top in INNER and len(parts) > 1:
-                order = INNER[top]
-                inner_target = module.split(".")[2] if module.count(".") >= 2 else "__init__"
-                if inner_target in order and parts[1] in order and order.index(inner_target) >= order.index(parts[1]):
-                    if inner_target != parts[1]:
-                        problems.append(f"{where}: inside {top}/, {inner_target} comes after {parts[1]}")
-    return problems
-
-
-def test_no_import_goes_up_the_layers():
-    assert violations(PACKAGE) == []
-
-
-def test_every_inner_module_is_placed():
-    for package, order in INNER.items():
-        present = {path.stem for path in (PACKAGE / package).glob("*.py")}
-        assert present <= set(order), f"{package}/ has modules {sorted(present - set(order))} not in INNER"
-
-
-@pytest.mark.parametrize("upward", [
-    "from streamlens.pages.html import Report",            # results -> pages
-    "import streamlens.plots.style",                       # plain import
-    "def later():\n    from streamlens import cli",        # lazy import inside a function
-])
-def test_the_check_fails_on_an_upward_import(tmp_path, upward):
-    """A copy of the package with one upward import added to results/base.py is caught."""
-    import shutil
-
-    copy = tmp_path / "streamlens"
-    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    base = copy / "results" / "base.py"
-    base.write_text(base.read_text() + "\n" + textwrap.dedent(upward) + "\n")
-    found = violations(copy)
-    assert len(found) == 1 and found[0].startswith("streamlens/results/base.py"), found
-
-
-def test_the_check_fails_on_an_inner_upward_import(tmp_path):
-    import shutil
-
-    copy = tmp_path / "streamlens"
-    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    spec = copy / "ablation" / "spec.py"
-    spec.write_text(spec.read_text() + "\nfrom streamlens.ablation.engine import evaluate\n")
-    found = violations(copy)
-    assert len(found) == 1 and "inside ablation/, engine comes after spec" in found[0], found
-
-
-def test_readme_layout_names_every_module():
-    """The README's Layout section mentions each top-level module and package, and no module that is gone."""
-    readme = (ROOT / "README.md").read_text()
-    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
-    names = {p.stem for p in PACKAGE.glob("*.py")} | {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
-    names -= {"__init__", "__main__"}
-    missing = sorted(name for name in names if name not in layout)
-    assert not missing, f"README layout does not mention {missing}"
-    import re
-
+def test_architecture_page_names_every_module():
+    """docs/architecture.md's layer map mentions each top-level module and package, and no module that is gone."""
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    layout = page.split("## The layers", 1)[1].split("\n## ", 1)[0]
+    present = {p.stem for p in PACKAGE.glob("*.py")} | {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    missing = sorted(name for name in present - {"__init__"} if f"`streamlens/{name}" not in layout)
+    assert not missing, f"docs/architecture.md does not mention {missing}"
     mentioned = set(re.findall(r"`streamlens/(\w+)(?:\.py|/)`", layout))
-    gone = sorted(name for name in mentioned if name and "/" not in name and name not in names)
-    assert not gone, f"README layout names modules that do not exist: {gone}"
+    gone = sorted(name for name in mentioned if name not in present)
+    assert not gone, f"docs/architecture.md names modules that do not exist: {gone}"

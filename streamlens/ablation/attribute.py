@@ -85,8 +85,9 @@ def attribute(
 ) -> AblationResult:
     """First-order estimate of removing each single unit of one kind (total effect), all at once.
 
+    `model`, `batch`, `unit`, `method`, `layers` and `heads` are those of `ablation.sweep`.
+
     Args:
-        model, batch, unit, method, layers, heads: as in `ablation.sweep`.
         options: as in `evaluate`; `metrics` may name only `GRADIENT_METRICS` (default: those that
             apply to the batch); `batch_size` is the most texts in one gradient forward.
         estimate: "atp" (plain), "atp-qk" (with the QK fix) or "atpstar" (QK fix and GradDrop).

@@ -272,11 +272,12 @@ def cumulative(
 ) -> CumulativeAblation:
     """Remove units one after another and measure the damage after each removal.
 
+    The other arguments are those of `evaluate`.
+
     Args:
         order: the units. mode "order": removed in this order. mode "greedy": at each step the
             remaining unit whose removal (together with those already removed) does the least
             damage on the first metric is removed next (U(U+1)/2 evaluations for U units).
-        Other arguments as in `evaluate`.
 
     Returns:
         `CumulativeAblation`: step k (1-based) has the first k units of `units` removed.

@@ -19,7 +19,7 @@ from streamlens.sites import Site
 
 
 def donor_rows(n_texts: int, seed: int = 0) -> torch.Tensor:
-    """For resampling: text i takes its writes from text donors[i] [n_texts]; a seeded random
+    """For resampling: text i takes its writes from text `donors[i]` [n_texts]; a seeded random
     single cycle through all texts, so no text is its own donor."""
     if n_texts < 2:
         raise ValueError(f"resample ablation needs at least 2 texts to swap writes between, got {n_texts}")
@@ -35,7 +35,7 @@ def part(write: Site, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def as_write(model: Model, write: Site, value: torch.Tensor) -> torch.Tensor:
-    """A head's z [..., d_head] -> its write z @ W_O[h] [..., d_model]; other writes (and a scalar
+    """A head's z [..., d_head] -> its write `z @ W_O[h]` [..., d_model]; other writes (and a scalar
     zero, whose write is zero) unchanged."""
     return value @ model.W_O(write.layer)[write.head] if write.kind == "head" and value.ndim else value
 

@@ -116,7 +116,8 @@ def token_identity(
             so at least two texts are needed.
         removed: blocks whose skip is removed, one condition each.
         alpha: ridge penalty per training token (on standardised features).
-        n_boot, seed: bootstrap resamples over texts, and their seed.
+        n_boot: bootstrap resamples over texts.
+        seed: the seed of the resamples.
     """
     removed = tuple(model.check_layer(layer) for layer in removed)
     texts = windows.text_of.unique()
