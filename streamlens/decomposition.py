@@ -25,7 +25,9 @@ from streamlens.recording import record
 from streamlens.results import LogitDecomposition, LogitLens, Provenance, StreamWrites, command_line
 
 
-def _tokens(model: Model, prompt_or_tokens: str | torch.Tensor) -> torch.Tensor:
+def prompt_tokens(model: Model, prompt_or_tokens: str | torch.Tensor) -> Int[torch.Tensor, "1 pos"]:
+    """One prompt as token ids [1, pos]: a string is tokenized, token ids are checked (a batch of more than one
+    prompt is refused)."""
     if isinstance(prompt_or_tokens, str):
         return model.to_tokens(prompt_or_tokens)
     tokens = model.check_tokens(prompt_or_tokens)
@@ -88,7 +90,7 @@ def decompose(
     """
     if model.info.dtype == "bfloat16":  # its 8-bit mantissa cannot keep the identity that is the point here
         raise ValueError("decompose needs a float32 or float64 model, got bfloat16: load with dtype='float32'")
-    tokens = _tokens(model, prompt_or_tokens)
+    tokens = prompt_tokens(model, prompt_or_tokens)
     chosen = _positions(positions, tokens.shape[1])
     if top_k is not None and (target is not None or top_k < 1):
         raise ValueError(f"top_k={top_k}: use a positive top_k with target=None")
@@ -186,7 +188,7 @@ def logit_lens(
         `LogitLens` with arrays [n_layers + 1, pos, ...]; the last layer reproduces the model's output
         (KL to final 0 up to rounding).
     """
-    tokens = _tokens(model, prompt_or_tokens)
+    tokens = prompt_tokens(model, prompt_or_tokens)
     if top_k < 1:
         raise ValueError(f"top_k={top_k}: must be at least 1")
     if writes is None:

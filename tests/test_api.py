@@ -53,3 +53,19 @@ def test_every_streamlens_import_in_readme_and_notebooks_resolves():
     assert lines, "no streamlens imports found: the pattern is wrong"
     for line in lines:
         exec(line.split("#")[0], {})  # noqa: S102 - our own README and notebooks
+
+
+def test_subpackages_are_attributes_and_import_stays_light():
+    """`sl.ablation`, `sl.importance`, ... resolve on first use, and `import streamlens` alone loads no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, streamlens as sl; light = 'torch' not in sys.modules; "
+            "names = [m for m in sl._MODULES if not hasattr(sl, m)]; "
+            "print(light, names, sl.ablation.sweep.__module__, sl.importance.layer_study.__module__, "
+            "sl.identity.token_identity.__module__, sl.layers is sl.importance)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "[]", "streamlens.ablation.engine", "streamlens.importance.study",
+                   "streamlens.identity.measure", "True"], out
+    with pytest.raises(AttributeError, match="no attribute 'ablations'"):
+        importlib.import_module("streamlens").ablations

@@ -24,9 +24,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("ablation",),                                 # spec, options, replace, apply, engine
     ("highway",),                                  # toy, real
     ("exactness",),                                # streamlens check: is streamlens exact on a model
-    ("corpus", "sources", "identity", "tunedlens"),  # what the stream carries: windows by text, attention
+    ("sources", "identity", "tunedlens"),          # what the stream carries: attention
                                                    # sources, token identity, the tuned lens
-    ("layers",),                                   # scores, repair, verdict, study
+    ("importance",),                               # scores, repair, verdict, study
     ("plots",),                                    # figures from results only
     ("pages",),                                    # HTML pages composed from figures
     ("cli", "__main__"),                           # parse -> call -> page -> write
@@ -36,13 +36,13 @@ INNER: dict[str, tuple[str, ...]] = {
     "ablation": ("spec", "options", "replace", "apply", "engine", "swap", "checkpoint", "backends", "attribute",
                  "__init__"),
     "highway": ("real", "toy", "__init__"),
-    "layers": ("scores", "repair", "verdict", "study", "__init__"),
+    "importance": ("scores", "repair", "verdict", "study", "__init__"),
     "model": ("fidelity", "handle", "cache", "folders", "loading", "__init__"),
     "results": ("base", "stream", "ablation", "highway", "check", "sources", "identity", "tunedlens", "layers",
                 "__init__"),
     "identity": ("probe", "measure", "__init__"),
     "tunedlens": ("train", "evaluate", "__init__"),
-    "pages": ("html", "ablation", "attribution", "highway", "carry", "layers", "report", "__init__"),
+    "pages": ("html", "ablation", "attribution", "highway", "identity", "layers", "report", "__init__"),
 }
 
 

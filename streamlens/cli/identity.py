@@ -27,13 +27,13 @@ def identity(
 
     started = time.perf_counter()
     try:
-        from streamlens.corpus import text_windows
+        from streamlens.data import text_windows
         from streamlens.files import check_out_dir, write_outputs
         from streamlens.identity import token_identity
         from streamlens.model import load_model
-        from streamlens.pages.carry import identity_files, identity_summary
+        from streamlens.pages.identity import identity_files, identity_summary
         from streamlens.results import command_line
-        from streamlens.highway import parse_layers
+        from streamlens.sites import parse_layers
         from streamlens.sources import attention_sources
 
         check_out_dir(out)

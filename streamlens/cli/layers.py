@@ -53,7 +53,7 @@ def layers(
         if D.is_prompt_source(data):
             raise ValueError(f"--data {data!r} is a prompt set: the layer study runs on text windows (builtin, a "
                              f".txt or .jsonl file of texts, or a text)")
-        from streamlens import layers as LY
+        from streamlens import importance as LY
         from streamlens.ablation import EvalOptions
         from streamlens.model import load_model
         from streamlens.results import command_line
@@ -92,7 +92,7 @@ def layers(
 
 def _study(model, batch, config, command):
     """One model's study under one progress bar (a task per stage)."""
-    from streamlens import layers as LY
+    from streamlens import importance as LY
 
     chunks = -(-batch.n_texts // min(config.options.batch_size, batch.n_texts))
     with progress_bar() as bar:

@@ -15,7 +15,7 @@ HOLD_OUT_HELP = "Every n-th built-in text is held out for evaluation (the rest t
 
 def _windows(loaded, data, window, hold_out_every, part):
     """(train or held-out windows, description) of the data: the built-in texts are split; other data is used whole."""
-    from streamlens.corpus import text_windows
+    from streamlens.data import text_windows
 
     windows = text_windows(loaded, data, window)
     if data is not None and data != "builtin":
@@ -50,7 +50,7 @@ def train(
     try:
         from streamlens.files import check_out_dir, write_outputs
         from streamlens.model import load_model
-        from streamlens.pages.carry import lens_files
+        from streamlens.pages.identity import lens_files
         from streamlens.results import command_line
         from streamlens.tunedlens import compare_lenses, train_tuned_lens
 
@@ -107,7 +107,7 @@ def evaluate(
     try:
         from streamlens.files import check_out_dir, write_outputs
         from streamlens.model import load_model
-        from streamlens.pages.carry import lens_files
+        from streamlens.pages.identity import lens_files
         from streamlens.results import command_line
         from streamlens.tunedlens import TunedLens, check_lens, compare_lenses
 

@@ -10,7 +10,7 @@ The same for the previous token (positions >= 1). Tokens are split into word sta
 with a non-letter/digit, e.g. a space, or follows one) and continuations (a letter or digit glued to
 a letter or digit before it).
 
-Counterfactual: with the skip around block L removed (`highway.highway_hooks`: the stream leaving
+Counterfactual: with the skip around block L removed (`ablation.apply.skip_removal_hooks`: the stream leaving
 block L is attn_out L + mlp_out L alone) the stream after L and the final stream are measured again.
 Intervals: 95% bootstrap over texts (resampling whole texts, pooled over their tokens).
 """
@@ -23,8 +23,8 @@ import einops
 import torch
 
 from streamlens import sites
-from streamlens.corpus import TextWindows
-from streamlens.highway import highway_hooks
+from streamlens.data import TextWindows
+from streamlens.ablation.apply import skip_removal_hooks
 from streamlens.identity.probe import fit_probe
 from streamlens.model import Model
 from streamlens.recording import record
@@ -60,7 +60,7 @@ def stage_features(model: Model, tokens: torch.Tensor, removed: int | None) -> d
         return hook
 
     after = sites.resid_post(removed)
-    hooks = highway_hooks(model, [removed], streams) + [(after, keep(after)), (sites.FINAL_STREAM, keep(sites.FINAL_STREAM))]
+    hooks = skip_removal_hooks(model, [removed], streams) + [(after, keep(after)), (sites.FINAL_STREAM, keep(sites.FINAL_STREAM))]
     with torch.no_grad():
         model.run(tokens, hooks=hooks)
     return {removed + 1: kept[after], model.n_layers: kept[sites.FINAL_STREAM]}
