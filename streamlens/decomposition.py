@@ -104,6 +104,9 @@ def decompose(
     else:
         target_ids = torch.full((len(chosen), 1), model.token_id(target), dtype=torch.long)
     contrast_ids = torch.full_like(target_ids, -1 if contrast is None else model.token_id(contrast))
+    if contrast is not None and bool((contrast_ids == target_ids).any()):  # the difference would be 0 everywhere
+        raise ValueError(f"contrast {contrast!r} is the target itself ({_label(model, int(contrast_ids[0, 0]), -1)}):"
+                         f" logit(target) - logit(contrast) is 0 by definition; choose another contrast token")
     directions = _directions(target_ids, contrast_ids, model.info.d_vocab, logits)
     with torch.inference_mode():
         comps = writes.components(by_head=by_head)
