@@ -106,10 +106,7 @@ def ablate(
     started = time.perf_counter()
     from streamlens import ablation as A
 
-    check_choice("--unit", unit, A.UNIT_KINDS)
-    check_choice("--method", method, A.METHODS)
-    effects = ("direct", "total") if check_choice("--effect", effect, (*A.EFFECTS, "both")) == "both" else (effect,)
-    check_choice("--cumulative", cumulative, ("none", *A.CUMULATIVE_MODES))
+    effects = _check_choices(unit, method, effect, cumulative)
     check_at_least(("--batch-size", batch_size, 1), ("--bootstrap", n_boot, MIN_BOOTSTRAP), ("--seed", seed, 0))
     metric_list = None if metrics is None else [name.strip() for name in metrics.split(",") if name.strip()]
     sweep = Sweep(unit, method, effects, cumulative, layers, heads, parse_ints("--layers", layers),
@@ -133,6 +130,16 @@ def ablate(
             ray.close()
 
 
+def _check_choices(unit: str, method: str, effect: str, cumulative: str) -> tuple[str, ...]:
+    """Check the named choices; returns the effects to sweep (both: direct, then total)."""
+    from streamlens import ablation as A
+
+    check_choice("--unit", unit, A.UNIT_KINDS)
+    check_choice("--method", method, A.METHODS)
+    check_choice("--cumulative", cumulative, ("none", *A.CUMULATIVE_MODES))
+    return ("direct", "total") if check_choice("--effect", effect, (*A.EFFECTS, "both")) == "both" else (effect,)
+
+
 def _measure(sweep: Sweep, model: ModelOptions, data: DataOptions, output: OutputOptions, ray, checkpoint: bool,
              started: float) -> None:
     """Load, sweep (and the cumulative curve), write ablation.{csv,json,html}, print the damage table."""
@@ -151,10 +158,7 @@ def _measure(sweep: Sweep, model: ModelOptions, data: DataOptions, output: Outpu
         batch = D.load_batch(loaded, data.source, window=data.window, max_windows=data.max_windows,
                              positions=sweep.positions)
         A.units(loaded, sweep.unit, sweep.layer_list, sweep.head_list)  # layer and head ranges: checked before work
-        batch_size = sweep.batch_size  # resuming keeps the unfinished run's; else 16, or what fits on the GPU
-        if batch_size is None:
-            batch_size = (checkpoint and B.stored_batch_size(output.out)) or B.choose_batch_size(ray, loaded, batch,
-                                                                                                model.device)
+        batch_size = sweep.batch_size or _batch_size(ray, checkpoint, output.out, loaded, batch, model.device)
         options = A.EvalOptions(metrics=sweep.metrics, seed=sweep.seed, batch_size=batch_size, n_boot=sweep.n_boot,
                                 threads=threads)
         identity = _identity(sweep, data, batch_size)
@@ -163,21 +167,26 @@ def _measure(sweep: Sweep, model: ModelOptions, data: DataOptions, output: Outpu
         backend, saved = B.backend_for(ray, checkpoint, output.out, loaded, batch, identity)
         command = command_line()
         results, curve = _sweeps(loaded, batch, sweep, options, command, Console(stderr=True), backend)
+        last = results[sweep.effects[-1]]
+        settings = {"command": command, "unit": sweep.unit, "method": sweep.method, "effect": sweep.effect,
+                    "cumulative": sweep.cumulative, "positions": sweep.positions, "layers": sweep.layers or "all",
+                    "heads": sweep.heads or ("all" if sweep.unit == "head" else None), "window": data.window,
+                    "max_windows": data.max_windows, "batch_size": batch_size, "bootstrap": sweep.n_boot,
+                    "seed": sweep.seed, "backend": last.provenance.backend}
+        files = ablation_files(results, curve, batch, loaded, settings, time.perf_counter() - started)
     except (ValueError, OSError) as error:
         fail(str(error))
-    last = results[sweep.effects[-1]]
-    settings = {"command": command, "unit": sweep.unit, "method": sweep.method, "effect": sweep.effect,
-                "cumulative": sweep.cumulative, "positions": sweep.positions, "layers": sweep.layers or "all",
-                "heads": sweep.heads or ("all" if sweep.unit == "head" else None), "window": data.window,
-                "max_windows": data.max_windows, "batch_size": batch_size, "bootstrap": sweep.n_boot,
-                "seed": sweep.seed, "backend": last.provenance.backend}
-    files = ablation_files(results, curve, batch, loaded, settings, time.perf_counter() - started)
     folder = output.write(files)
     if saved is not None:
         saved.remove()  # the outputs are written: nothing left to resume
     stdout_console().print(damage_table(last, f"Removing one {sweep.unit} at a time ({sweep.method}, "
                                               f"{sweep.effects[-1]} effect)"))
     typer.echo(f"wrote {', '.join(files)} to {folder} in {time.perf_counter() - started:.1f} s")
+
+
+def _batch_size(ray, checkpoint: bool, out: str, loaded, batch, device: str) -> int:
+    """Resuming keeps the unfinished run's batch size; else 16, or what fits on the GPU."""
+    return (checkpoint and B.stored_batch_size(out)) or B.choose_batch_size(ray, loaded, batch, device)
 
 
 # the settings that name a run for its checkpoint, and the option each comes from
@@ -206,8 +215,8 @@ def _check_resume(out: str, identity: dict) -> None:
         fail(str(error))
     for key, option in RESUME_OPTIONS.items():
         if stored is not None and key in stored and stored[key] != identity[key]:
-            fail(f"{option} {identity[key]} differs from the unfinished run in {out} ({option} {stored[key]}): give "
-                 f"the same options to resume it, or start over with --no-checkpoint or another --out")
+            fail(f"checkpoint {folder} was made by another run: {option} {stored[key]} there, {identity[key]} now "
+                 f"(give the same options to resume it, or start over with --no-checkpoint or another --out)")
 
 
 def _check_data(data: DataOptions, positions: str, metrics: list[str] | None) -> DataOptions:

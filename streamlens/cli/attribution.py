@@ -94,7 +94,10 @@ def _write_and_print(loaded, batch, sweep: Sweep, data: DataOptions, output: Out
                 "layers": sweep.layers or "all", "heads": sweep.heads or ("all" if sweep.unit == "head" else None),
                 "window": data.window, "max_windows": data.max_windows, "batch_size": sweep.batch_size or 16,
                 "bootstrap": sweep.n_boot, "seed": sweep.seed}
-    files = attribution_files(result, exact, agreement, batch, loaded, settings, seconds)
+    try:
+        files = attribution_files(result, exact, agreement, batch, loaded, settings, seconds)
+    except (ValueError, OSError) as error:
+        fail(str(error))
     folder = output.write(files)
     stdout_console().print(_table(result, exact))
     if agreement is not None:

@@ -118,8 +118,10 @@ def check_out(out: str, file_suffix: str | None = None):
     try:
         if file_suffix is not None:
             path = Path(out)
-            if not out.strip() or path.suffix.lower() != file_suffix or path.is_dir():
-                fail(f"--out {out!r} must be a file path ending in {file_suffix}")
+            if path.is_dir():
+                fail(f"--out {out} is a folder: give a file path ending in {file_suffix}")
+            if not out.strip() or path.suffix.lower() != file_suffix:
+                fail(f"--out {out!r} is not a {file_suffix} file: give a path ending in {file_suffix}")
             check_out_dir(path.parent if str(path.parent) else ".")
             return path
         return check_out_dir(out)

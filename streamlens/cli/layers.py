@@ -42,6 +42,9 @@ def layers(
     try:
         from streamlens.ablation import EvalOptions
 
+        from streamlens.results import command_line
+
+        model.check_paths()
         options = EvalOptions(seed=seed, batch_size=batch_size, n_boot=n_boot, threads=model.set_threads())
         loaded = [model.load(name) for name in model.names or (None,)]  # every --model loads before any work
         configs = [_config(one, sizes, greedy_pool, repair_layers, heads_layers, options) for one in loaded]

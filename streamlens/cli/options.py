@@ -103,6 +103,12 @@ class ModelOptions:
         """The one model of a single-model command (None: the default)."""
         return self.names[0] if self.names else None
 
+    def check_paths(self) -> None:
+        """Fail on a --model written as a path that does not exist, before any model loads (a command that
+        loads several checks them all first; a hub name is left to the load)."""
+        for name in self.names:
+            _check_model_path(name)
+
     def set_threads(self) -> int:
         """Give torch `--threads` (default: the cores idle now); returns the number used."""
         import torch
@@ -125,15 +131,13 @@ def model_group(*, dtypes: tuple[str, ...] = DTYPES, many: bool = False, why: st
 
     def build(name: Any, dtype: str, device: str, threads: int | None, verify: bool) -> ModelOptions:
         if dtype not in DTYPES:
-            fail(f"unknown --dtype {dtype!r}: choose {offered}")
+            fail(f"unknown dtype {dtype!r}: --dtype takes {offered}")
         if dtype not in dtypes:
             fail(f"--dtype {dtype} is not offered here: choose {offered}" + (f" ({why})" if why else ""))
         if threads is not None and not 1 <= threads <= max_threads():
-            fail(f"--threads {threads} out of range: give 1 to {max_threads()} (4 per CPU of this machine's "
-                 f"{os.cpu_count() or 1}), or leave it out for the idle cores")
+            fail(f"--threads {threads} must be at least 1 and at most {max_threads()} (4 per CPU of this machine's "
+                 f"{os.cpu_count() or 1}); leave it out for the idle cores")
         names = tuple(name or ()) if many else (() if name is None else (name,))
-        for one in names:
-            _check_model_path(one)
         return ModelOptions(names, dtype, device, threads, verify)
 
     return Group({
@@ -152,7 +156,8 @@ def _check_model_path(name: str) -> None:
     path = Path(name).expanduser()
     looks_like_path = name.startswith((".", "/", "~")) or path.suffix == ".gguf" or name.count("/") > 1
     if looks_like_path and not path.exists():
-        fail(f"--model {name}: no such file or folder (give 'smollm2', a .gguf file, an HF folder or a cached name)")
+        fail(f"--model {name} does not exist: give 'smollm2', a .gguf file, an HF folder or a name in the local HF "
+             f"cache")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -234,7 +239,7 @@ def prompt_group(*, help: str = "The prompt to explain.", target_help: str = "To
 
     def build(prompt: str, target: str | None) -> PromptOptions:
         if not prompt.strip():
-            fail("--prompt is empty: give a prompt, e.g. 'The capital of France is'")
+            fail(f"--prompt {prompt!r} is an empty prompt: give one, e.g. 'The capital of France is'")
         return PromptOptions(prompt, target)
 
     return Group({"prompt": (str, typer.Option("The capital of France is", "--prompt", help=help)),
