@@ -97,8 +97,6 @@ def progress_bar(console=None, transient: bool = True):
     return Progress(*columns, console=console, transient=transient)
 
 
-THREADS_HELP = "torch CPU threads (default: the cores idle right now, at least 1)."
-VERIFY_HELP = "Re-hash every file of the cached model conversion (default: only files whose size or mtime changed)."
 MIN_BOOTSTRAP = 40  # fewer replicates leave a 2.5% tail of the 95% interval without a single draw
 
 
@@ -163,16 +161,6 @@ def _cpu_times(cpus: list[int]) -> dict[int, tuple[int, int]]:
             values = [int(v) for v in fields]
             times[int(name[3:])] = (sum(values[:8]), values[3] + values[4])  # idle + iowait
     return times
-
-
-def use_threads(threads: int | None) -> int:
-    """Check `--threads` and give torch that many (default: `default_threads()`); returns the number used."""
-    check_at_least(("--threads", threads, 1))
-    import torch
-
-    chosen = threads or default_threads()
-    torch.set_num_threads(chosen)
-    return chosen
 
 
 def stdout_console():
