@@ -5,12 +5,12 @@ from __future__ import annotations
 import typer
 
 from streamlens.cli.common import app, fail, progress_bar
-from streamlens.cli.options import (Count, DataOptions, ModelOptions, OutputOptions, PromptOptions, data_group,
-                                    model_group, output_group, prompt_group, uses)
+from streamlens.cli.options import (EXACT_DTYPES, Count, DataOptions, ModelOptions, OutputOptions, PromptOptions,
+                                    data_group, model_group, output_group, prompt_group, uses)
 
 
 @app.command()
-@uses(model=model_group(),
+@uses(model=model_group(dtypes=EXACT_DTYPES, why="the attention-source split must sum exactly"),
       data=data_group(command="identity", window=Count(64, 2), note="At least two texts: the probe is scored on "
                       "texts it was not fitted on."),
       prompt=prompt_group(help="Prompt for the attention-source split.", target_help="Token whose logit is split, "
