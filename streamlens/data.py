@@ -9,6 +9,9 @@ Everything that is scored becomes a `TokenBatch`: token ids, the next token each
 (`labels`), which predictions count (`scored`), which positions are real text (`valid`, False only
 for right-padding of prompts of unequal length: a causal model's predictions at real positions never
 see the padding to their right, so padding changes nothing that is scored).
+
+Analyses that split by text (the token-identity probe, the tuned lens) take `TextWindows`: every text
+cut into windows that remember which text they came from (`text_windows`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from jaxtyping import Int
 
 if TYPE_CHECKING:
     from streamlens.model import Model
@@ -27,6 +31,10 @@ if TYPE_CHECKING:
 BUILTIN = "builtin"
 BUILTIN_PROMPTS = "prompts"
 _TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+class TextsTooShortError(ValueError):
+    """No text holds one whole window: the window is longer than every text."""
 
 
 def data_dir() -> Path:
@@ -191,7 +199,7 @@ def token_windows(model: "Model", texts: list[str], window: int, max_windows: in
     chosen = [windows[k] for k in range(max(map(len, per_text), default=0)) for windows in per_text if k < len(windows)]
     if not chosen:
         longest = max((len(model.tokenizer(text).input_ids) for text in texts), default=0)
-        raise ValueError(f"window {window} is longer than every text (the longest has {longest} tokens)")
+        raise TextsTooShortError(f"window {window} is longer than every text (the longest has {longest} tokens)")
     tokens = torch.tensor(chosen[:max_windows], dtype=torch.long, device=model.device)
     return model.check_tokens(tokens)
 
@@ -308,3 +316,56 @@ def load_batch(
     name = BUILTIN if source is None else (source if Path(source).suffix.lower() in _TEXT_SUFFIXES
                                            else f"string of {len(source)} characters")
     return window_batch(tokens, positions, description=f"{name} ({tokens.shape[0]} windows of {window} tokens)")
+
+
+# Text windows that remember which text they came from: the token-identity probe is scored on texts it
+# was not fitted on and the tuned lens is evaluated on texts it was not trained on; both need each
+# window's text (and confidence intervals resample by text).
+
+
+@dataclass(frozen=True)
+class TextWindows:
+    """Token windows [window, pos] and, per window, the index of its text (`text_of` [window])."""
+
+    tokens: Int[torch.Tensor, "window pos"]
+    text_of: Int[torch.Tensor, "window"]
+    n_texts: int
+    description: str
+
+    def of_texts(self, texts: torch.Tensor) -> "TextWindows":
+        """The windows whose text is in `texts` (a 1-d tensor of text indices)."""
+        keep = torch.isin(self.text_of, texts.to(self.text_of.device))
+        return TextWindows(self.tokens[keep], self.text_of[keep], self.n_texts, self.description)
+
+    def split(self, every: int = 5) -> tuple["TextWindows", "TextWindows"]:
+        """(train, held out): every `every`-th text (indices every-1, 2*every-1, ...) is held out."""
+        texts = torch.arange(self.n_texts)
+        held = texts[texts % every == every - 1]
+        if len(held) == 0 or len(held) == self.n_texts:
+            raise ValueError(f"{self.n_texts} texts cannot be split holding out every {every}th: need at least "
+                             f"{every} texts")
+        return self.of_texts(texts[texts % every != every - 1]), self.of_texts(held)
+
+
+def text_windows(model: "Model", source: str | None = None, window: int = 64,
+                 max_per_text: int | None = None) -> TextWindows:
+    """Every text of `source` (see `data.load_texts`) cut into windows of `window` tokens.
+
+    Texts shorter than one window are left out; at least one window overall is required.
+    """
+    texts = load_texts(source)
+    rows, text_of = [], []
+    for index, text in enumerate(texts):
+        try:
+            windows = token_windows(model, [text], window, max_per_text)
+        except TextsTooShortError:  # this text is shorter than one window: leave it out
+            continue
+        rows.append(windows)
+        text_of += [index] * windows.shape[0]
+    if not rows:
+        raise ValueError(f"window {window} is longer than every text: use a shorter --window")
+    name = BUILTIN if source is None else (source if Path(source).suffix.lower() in (".txt", ".jsonl")
+                                           else f"string of {len(source)} characters")
+    tokens = torch.cat(rows)
+    return TextWindows(tokens, torch.tensor(text_of), len(texts),
+                       f"{name} ({len(texts)} texts, {tokens.shape[0]} windows of {window} tokens)")

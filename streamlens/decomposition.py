@@ -25,7 +25,9 @@ from streamlens.recording import record
 from streamlens.results import LogitDecomposition, LogitLens, Provenance, StreamWrites, command_line
 
 
-def _tokens(model: Model, prompt_or_tokens: str | torch.Tensor) -> torch.Tensor:
+def prompt_tokens(model: Model, prompt_or_tokens: str | torch.Tensor) -> Int[torch.Tensor, "1 pos"]:
+    """One prompt as token ids [1, pos]: a string is tokenized, token ids are checked (a batch of more than one
+    prompt is refused)."""
     if isinstance(prompt_or_tokens, str):
         return model.to_tokens(prompt_or_tokens)
     tokens = model.check_tokens(prompt_or_tokens)
@@ -52,9 +54,42 @@ def _label(model: Model, target: int, contrast: int) -> str:
     return f"{text} (pre-cap logit)" if model.info.logit_softcap else text
 
 
+def _labels(model: Model, target_ids: torch.Tensor, contrast_ids: torch.Tensor) -> tuple[list[str], ...]:
+    """Per position, the label of each target [pos][target] ("' Paris'" or "' Paris' - ' Rome'")."""
+    return tuple([_label(model, int(t), int(c)) for t, c in zip(row_t, row_c)]
+                 for row_t, row_c in zip(target_ids.tolist(), contrast_ids.tolist()))
+
+
 def centre(stack: Float[torch.Tensor, "... d_model"], norm: str) -> Float[torch.Tensor, "... d_model"]:
     """Subtract the mean over d_model for LayerNorm (a linear map, so it applies per component)."""
     return stack - stack.mean(-1, keepdim=True) if norm == "layernorm" else stack
+
+
+def _check_request(model: Model, prompt_or_tokens: str | torch.Tensor, positions: int | Sequence[int],
+                   target: str | int | None, top_k: int | None) -> tuple[torch.Tensor, list[int]]:
+    """(token ids [1, pos], the chosen positions as indices) after the checks that need no forward."""
+    if model.info.dtype == "bfloat16":  # its 8-bit mantissa cannot keep the identity that is the point here
+        raise ValueError("decompose needs a float32 or float64 model, got bfloat16: load with dtype='float32'")
+    tokens = prompt_tokens(model, prompt_or_tokens)
+    chosen = _positions(positions, tokens.shape[1])
+    if top_k is not None and (target is not None or top_k < 1):
+        raise ValueError(f"top_k={top_k}: use a positive top_k with target=None")
+    return tokens, chosen
+
+
+def _target_ids(model: Model, logits: Float[torch.Tensor, "pos vocab"], target: str | int | None,
+                contrast: str | int | None, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target ids [pos, n_targets], contrast ids [pos, n_targets], -1: no contrast); a contrast equal to
+    its target is refused (the difference would be 0 by definition)."""
+    if target is None:
+        target_ids = logits.topk(top_k or 1, dim=-1).indices
+    else:
+        target_ids = torch.full((logits.shape[0], 1), model.token_id(target), dtype=torch.long)
+    contrast_ids = torch.full_like(target_ids, -1 if contrast is None else model.token_id(contrast))
+    if contrast is not None and bool((contrast_ids == target_ids).any()):
+        raise ValueError(f"contrast {contrast!r} is the target itself ({_label(model, int(contrast_ids[0, 0]), -1)}):"
+                         f" logit(target) - logit(contrast) is 0 by definition; choose another contrast token")
+    return target_ids, contrast_ids
 
 
 def decompose(
@@ -86,22 +121,12 @@ def decompose(
         with strict=False) gets its pre-cap logits decomposed instead, and each target is labelled
         "(pre-cap logit)".
     """
-    if model.info.dtype == "bfloat16":  # its 8-bit mantissa cannot keep the identity that is the point here
-        raise ValueError("decompose needs a float32 or float64 model, got bfloat16: load with dtype='float32'")
-    tokens = _tokens(model, prompt_or_tokens)
-    chosen = _positions(positions, tokens.shape[1])
-    if top_k is not None and (target is not None or top_k < 1):
-        raise ValueError(f"top_k={top_k}: use a positive top_k with target=None")
-    if writes is None:
-        writes = record(model, tokens, heads=by_head)
+    tokens, chosen = _check_request(model, prompt_or_tokens, positions, target, top_k)
+    writes = writes if writes is not None else record(model, tokens, heads=by_head)
     logits = writes.logits[0, chosen]  # [n_pos, vocab]
     if model.info.logit_softcap:  # capped logits are not linear in the stream: explain the pre-cap logit
         logits = model.final_logits(writes.final[0, chosen])
-    if target is None:
-        target_ids = logits.topk(top_k or 1, dim=-1).indices
-    else:
-        target_ids = torch.full((len(chosen), 1), model.token_id(target), dtype=torch.long)
-    contrast_ids = torch.full_like(target_ids, -1 if contrast is None else model.token_id(contrast))
+    target_ids, contrast_ids = _target_ids(model, logits, target, contrast, top_k)
     directions = _directions(target_ids, contrast_ids, model.info.d_vocab, logits)
     with torch.inference_mode():
         comps = writes.components(by_head=by_head)
@@ -116,10 +141,7 @@ def decompose(
         positions=tuple(chosen),
         target_ids=target_ids.cpu(),
         contrast_ids=contrast_ids.cpu(),
-        target_strings=tuple(
-            [_label(model, int(t), int(c)) for t, c in zip(row_t, row_c)]
-            for row_t, row_c in zip(target_ids.tolist(), contrast_ids.tolist())
-        ),
+        target_strings=_labels(model, target_ids, contrast_ids),
         labels=(*comps.labels, "norm bias", "unembed bias"),
         kinds=(*comps.kinds, "bias", "bias"),
         layers=(*comps.layers, None, None),
@@ -186,7 +208,7 @@ def logit_lens(
         `LogitLens` with arrays [n_layers + 1, pos, ...]; the last layer reproduces the model's output
         (KL to final 0 up to rounding).
     """
-    tokens = _tokens(model, prompt_or_tokens)
+    tokens = prompt_tokens(model, prompt_or_tokens)
     if top_k < 1:
         raise ValueError(f"top_k={top_k}: must be at least 1")
     if writes is None:

@@ -21,6 +21,36 @@ from streamlens.model import Model
 from streamlens.results import Provenance, StreamWrites, command_line
 
 
+def _recording_hooks(model: Model, kept: dict[str, torch.Tensor], attn: torch.Tensor, mlp: torch.Tensor,
+                     z: torch.Tensor | None, post_scale: torch.Tensor | None) -> list[tuple[str, Any]]:
+    """Hooks that copy the embeddings and final stream into `kept` (by site name) and each layer's writes
+    into row `layer` of the buffers `attn`, `mlp` (and `z`, `post_scale` where given)."""
+
+    def keep(name: str):
+        # keyed by the name we asked for: the bridge reports aliases under their canonical names
+        def hook(tensor: torch.Tensor, hook: Any) -> None:
+            kept[name] = tensor.detach().clone()
+
+        return hook
+
+    def into(buffer: torch.Tensor, layer: int):
+        def hook(tensor: torch.Tensor, hook: Any) -> None:
+            buffer[layer].copy_(tensor.detach())
+
+        return hook
+
+    names = [sites.EMBED, sites.FINAL_STREAM, sites.FINAL_SCALE]
+    names += [sites.POS_EMBED] if model.has_pos_embed else []
+    hooks = [(name, keep(name)) for name in names]
+    for layer in range(model.n_layers):
+        hooks += [(sites.attn_out(layer), into(attn, layer)), (sites.mlp_out(layer), into(mlp, layer))]
+        if z is not None:
+            hooks.append((sites.attn_z(layer), into(z, layer)))
+        if post_scale is not None:
+            hooks.append((sites.attn_post_scale(layer), into(post_scale, layer)))
+    return hooks
+
+
 def record(model: Model, tokens: torch.Tensor, heads: bool = False, command: str | None = None) -> StreamWrites:
     """Run `tokens` [batch, pos] once and keep each write into the stream.
 
@@ -46,29 +76,7 @@ def record(model: Model, tokens: torch.Tensor, heads: bool = False, command: str
     has_post = any(weight is not None for weight in post_weights)
     post_scale = torch.empty(n_layers, batch, n_pos, 1, **empty) if has_post else None
     kept: dict[str, torch.Tensor] = {}
-
-    def keep(name: str):
-        # keyed by the name we asked for: the bridge reports aliases under their canonical names
-        def hook(tensor: torch.Tensor, hook: Any) -> None:
-            kept[name] = tensor.detach().clone()
-
-        return hook
-
-    def into(buffer: torch.Tensor, layer: int):
-        def hook(tensor: torch.Tensor, hook: Any) -> None:
-            buffer[layer].copy_(tensor.detach())
-
-        return hook
-
-    names = [sites.EMBED, sites.FINAL_STREAM, sites.FINAL_SCALE]
-    names += [sites.POS_EMBED] if model.has_pos_embed else []
-    hooks = [(name, keep(name)) for name in names]
-    for layer in range(n_layers):
-        hooks += [(sites.attn_out(layer), into(attn, layer)), (sites.mlp_out(layer), into(mlp, layer))]
-        if z is not None:
-            hooks.append((sites.attn_z(layer), into(z, layer)))
-        if post_scale is not None:
-            hooks.append((sites.attn_post_scale(layer), into(post_scale, layer)))
+    hooks = _recording_hooks(model, kept, attn, mlp, z, post_scale)
     with torch.inference_mode():
         logits = model.run(tokens, hooks=hooks)
     layers = range(model.n_layers)

@@ -146,3 +146,16 @@ def parse_numbers(text: str, name: str = "layers", count: int | None = None) -> 
                              f"(0-{count - 1})")
         numbers.update(dict.fromkeys(range(low, high + 1)))
     return tuple(numbers)
+
+
+def parse_layers(spec: str, n_layers: int, name: str = "layers") -> tuple[int, ...]:
+    """A set of layers, sorted: "none" (or empty), "all", or numbers and ranges ("0,10-12"; `parse_numbers`)."""
+    text = spec.strip().lower()
+    if text in ("", "none"):
+        return ()
+    if text == "all":
+        return tuple(range(n_layers))
+    try:
+        return tuple(sorted(parse_numbers(text, name, n_layers)))
+    except ValueError as error:
+        raise ValueError(f"{error} (or none, all)") from None

@@ -18,7 +18,7 @@ import einops
 import torch
 
 from streamlens import sites
-from streamlens.decomposition import _tokens, centre
+from streamlens.decomposition import centre, prompt_tokens
 from streamlens.model import Model
 from streamlens.recording import record
 from streamlens.results import Provenance, command_line
@@ -44,7 +44,7 @@ def attention_sources(
         `AttentionSources`; `contributions.sum(-1)` equals each head's contribution in
         `decompose(model, tokens, target, positions=position, by_head=True)`.
     """
-    tokens = _tokens(model, prompt_or_tokens)
+    tokens = prompt_tokens(model, prompt_or_tokens)
     n_pos = tokens.shape[1]
     if not -n_pos <= position < n_pos:
         raise ValueError(f"position {position} out of range: the prompt has {n_pos} tokens ({-n_pos} to {n_pos - 1})")

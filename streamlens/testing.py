@@ -146,7 +146,6 @@ def tiny_gguf_file(
     written (use another family).
     """
     import gguf
-    import numpy as np
     from transformers.modeling_gguf_pytorch_utils import (
         GGUF_TO_TRANSFORMERS_MAPPING,
         TENSOR_PROCESSORS,
@@ -167,6 +166,19 @@ def tiny_gguf_file(
     path = Path(path)
     writer = gguf.GGUFWriter(str(path), gguf_arch)
     writer.add_name(f"tiny-{arch}")
+    _gguf_config(writer, arch, gguf_arch, config_keys, config, d_model)
+    _gguf_vocabulary(writer)
+    _gguf_tensors(writer, arch, gguf_arch, model.state_dict(), to_hf, bool(config.get("tie_word_embeddings")))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _gguf_config(writer: Any, arch: str, gguf_arch: str, config_keys: dict[str, str | None], config: dict[str, Any],
+                 d_model: int) -> None:
+    """The `<arch>.*` metadata llama.cpp writes: each config number under its GGUF key."""
     for gguf_key, hf_key in config_keys.items():
         value = config.get(hf_key) if hf_key else None
         if value is None and gguf_key == "feed_forward_length":
@@ -179,8 +191,13 @@ def tiny_gguf_file(
                 writer.add_uint32(key, int(value))
     if arch in ("qwen2", "qwen3", "phi3") and "rope_theta" not in config:
         writer.add_float32(f"{gguf_arch}.rope.freq_base", float(config.get("rope_parameters", {}).get("rope_theta", 1e4)))
+
+
+def _gguf_vocabulary(writer: Any) -> None:
+    """A byte-level BPE vocabulary of TINY_VOCAB tokens (letters, digits and one merge, "a b" -> "ab")."""
+    import gguf
+
     writer.add_tokenizer_model("gpt2")
-    # a byte-level BPE vocabulary of TINY_VOCAB tokens (letters, digits and one merge, "a b" -> "ab")
     characters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
     words = (["<unk>", "<bos>", "<eos>"] + characters + [str(d) for d in range(10)])[: TINY_VOCAB - 1] + ["ab"]
     writer.add_token_list(words)
@@ -188,7 +205,13 @@ def tiny_gguf_file(
     writer.add_token_merges(["a b"])
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
-    state = model.state_dict()
+
+
+def _gguf_tensors(writer: Any, arch: str, gguf_arch: str, state: dict[str, torch.Tensor], to_hf: dict[str, str],
+                  tied: bool) -> None:
+    """Every weight under its llama.cpp name, stored as llama.cpp stores it; fails on a weight left unnamed."""
+    import numpy as np
+
     written = set()
     for gguf_name, hf_name in to_hf.items():
         if hf_name not in state or hf_name in written:
@@ -201,12 +224,6 @@ def tiny_gguf_file(
             weights = weights + 1  # llama.cpp stores Gemma's (1 + w)
         writer.add_tensor(gguf_name, np.ascontiguousarray(weights))
         written.add(hf_name)
-    missing = sorted(set(state) - written - {"lm_head.weight"} if config.get("tie_word_embeddings") else
-                     set(state) - written)
+    missing = sorted(set(state) - written - ({"lm_head.weight"} if tied else set()))
     if missing:
         raise ValueError(f"no GGUF name for {missing} of {arch}")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path

@@ -20,12 +20,11 @@ PUBLIC = {
                             "EvalOptions", "METHODS", "EFFECTS", "UNIT_KINDS", "CUMULATIVE_MODES", "donor_rows",
                             "attribute", "verify", "agreement", "RayBackend", "LocalBackend", "Checkpoint"],
     "streamlens.ablation.swap": ["Swap", "evaluate"],
-    "streamlens.data": ["load_batch", "load_prompts"],
-    "streamlens.corpus": ["text_windows", "TextWindows"],
+    "streamlens.data": ["load_batch", "load_prompts", "text_windows", "TextWindows"],
     "streamlens.sources": ["attention_sources"],
     "streamlens.identity": ["token_identity", "TokenIdentity"],
     "streamlens.tunedlens": ["TunedLens", "train_tuned_lens", "compare_lenses", "LensComparison"],
-    "streamlens.layers": ["layer_study", "StudyConfig", "LayerStudy", "stream_scores", "spearman_ci", "self_repair"],
+    "streamlens.importance": ["layer_study", "StudyConfig", "LayerStudy", "stream_scores", "spearman_ci", "self_repair"],
     "streamlens.plots.attribution": ["estimate_vs_exact", "side_by_side"],
     "streamlens.plots.layers": ["removal_profile", "span_curve", "repair_scatter"],
     "streamlens.highway": ["ToyConfig", "toy_highway", "skip_gradients", "highway_tokens", "make_stack",
@@ -68,3 +67,19 @@ def test_every_streamlens_import_in_readme_docs_and_notebooks_resolves():
     assert lines, "no streamlens imports found: the pattern is wrong"
     for line in lines:
         exec(line.split("#")[0], {})  # noqa: S102 - our own README, docs and notebooks
+
+
+def test_subpackages_are_attributes_and_import_stays_light():
+    """`sl.ablation`, `sl.importance`, ... resolve on first use, and `import streamlens` alone loads no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, streamlens as sl; light = 'torch' not in sys.modules; "
+            "names = [m for m in sl._MODULES if not hasattr(sl, m)]; "
+            "print(light, names, sl.ablation.sweep.__module__, sl.importance.layer_study.__module__, "
+            "sl.identity.token_identity.__module__, sl.layers is sl.importance)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "[]", "streamlens.ablation.engine", "streamlens.importance.study",
+                   "streamlens.identity.measure", "True"], out
+    with pytest.raises(AttributeError, match="no attribute 'ablations'"):
+        importlib.import_module("streamlens").ablations

@@ -139,7 +139,7 @@ def test_hooked_gradient_is_the_gradient_of_the_stream_entering_the_block(tiny, 
     streams: dict[int, torch.Tensor] = {}
     result = hw.skip_gradients(tiny, tiny_tokens, [()])
     with torch.no_grad():
-        tiny.run(tiny_tokens, hooks=hw.highway_hooks(tiny, (), streams))
+        tiny.run(tiny_tokens, hooks=hw.skip_removal_hooks(tiny, (), streams))
     for layer in range(tiny.n_layers):
         resid = streams[layer].detach().clone().requires_grad_(True)
         with torch.enable_grad():
@@ -160,7 +160,7 @@ def test_removing_a_skip_makes_the_next_stream_the_blocks_writes(tiny, tiny_toke
 
         return hook
 
-    hooks = hw.highway_hooks(tiny, (1,), streams) + [(sites.attn_out(1), keep("attn")), (sites.mlp_out(1), keep("mlp"))]
+    hooks = hw.skip_removal_hooks(tiny, (1,), streams) + [(sites.attn_out(1), keep("attn")), (sites.mlp_out(1), keep("mlp"))]
     with torch.no_grad():
         tiny.run(tiny_tokens, hooks=hooks)
     torch.testing.assert_close(streams[2], writes["attn"] + writes["mlp"], rtol=0, atol=1e-12)

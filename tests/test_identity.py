@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from streamlens import sites
-from streamlens.corpus import TextWindows
+from streamlens.data import TextWindows
 from streamlens.identity import TokenIdentity, fit_probe, stage_features, token_identity, word_starts
 from streamlens.recording import record
 
@@ -36,11 +36,11 @@ def test_skip_removed_stream_is_the_blocks_writes(tiny, tiny_tokens):
         return hook
 
     streams = stage_features(tiny, tiny_tokens, removed=1)
-    from streamlens.highway import highway_hooks
+    from streamlens.ablation.apply import skip_removal_hooks
 
     names = [sites.attn_out(1), sites.mlp_out(1)]
     with torch.no_grad():
-        tiny.run(tiny_tokens, hooks=highway_hooks(tiny, [1], {}) + [(n, keep(n)) for n in names])
+        tiny.run(tiny_tokens, hooks=skip_removal_hooks(tiny, [1], {}) + [(n, keep(n)) for n in names])
     assert torch.allclose(streams[2], kept[names[0]] + kept[names[1]], atol=1e-12)
     clean = stage_features(tiny, tiny_tokens, removed=None)
     writes = record(tiny, tiny_tokens)
@@ -64,9 +64,9 @@ def test_token_identity_result(tiny, tmp_path):
     back = TokenIdentity.load(result.save(tmp_path / "identity.safetensors"))
     assert torch.equal(back.value.nan_to_num(-1), result.value.nan_to_num(-1)) and back.conditions == result.conditions
     assert set(result.to_dataframe().measure) == set(result.measures)
-    from streamlens.plots import carry
+    from streamlens.plots import identity as identity_plots
 
-    for figure in (carry.identity_curves(result), carry.identity_splits(result), carry.skip_removed(result)):
+    for figure in (identity_plots.identity_curves(result), identity_plots.identity_splits(result), identity_plots.skip_removed(result)):
         assert figure.data
 
 

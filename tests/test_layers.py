@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from streamlens import ablation as A
-from streamlens import layers as LY
+from streamlens import importance as LY
 from streamlens import sites
 from streamlens.ablation import swap as SW
 from streamlens.data import window_batch

@@ -64,9 +64,9 @@ def test_bad_position(tiny, tiny_tokens):
 
 
 def test_figures_draw_from_the_result(tiny, tiny_tokens):
-    from streamlens.plots import carry
+    from streamlens.plots import identity as identity_plots
 
     split = attention_sources(tiny, tiny_tokens[:1], position=5)
-    heatmap = carry.source_heatmap(split)
+    heatmap = identity_plots.source_heatmap(split)
     assert len(heatmap.data[0].x) == 6  # sources up to the destination only
-    assert len(carry.source_norms(split).data) == 4
+    assert len(identity_plots.source_norms(split).data) == 4

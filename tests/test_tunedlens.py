@@ -32,15 +32,15 @@ def test_training_lowers_kl_and_repeats_exactly(tiny, tiny_tokens, tmp_path):
     assert torch.equal(back.weight, first.weight) and back.provenance.seed == 3 and back.layer_labels == first.layer_labels
     table = LensComparison.load(compared.save(tmp_path / "c.safetensors")).to_dataframe()
     assert len(table) == 2 * (tiny.n_layers + 1) and (table.kl_low <= table.kl_high).all()
-    from streamlens.plots import carry
+    from streamlens.plots import identity as identity_plots
 
-    assert len(carry.lens_kl(compared).data) == 4 and len(carry.lens_rank(compared).data) == 2
+    assert len(identity_plots.lens_kl(compared).data) == 4 and len(identity_plots.lens_rank(compared).data) == 2
 
 
 def test_report_takes_a_trained_lens(tiny, tiny_tokens):
-    """The standard report's carry sections: attention sources, identity, and both lenses when a lens is given."""
-    from streamlens.pages.report import _carry_sections
+    """The standard report's identity sections: attention sources, identity, and both lenses when a lens is given."""
+    from streamlens.pages.report import _identity_sections
 
     lens = train_tuned_lens(tiny, tiny_tokens, steps=2, batch_tokens=4)
-    titles = [section.title for section in _carry_sections(tiny, tiny_tokens[:1], None, lens, lambda line: None)]
+    titles = [section.title for section in _identity_sections(tiny, tiny_tokens[:1], None, lens, lambda line: None)]
     assert len(titles) == 5 and any("tuned lens" in title for title in titles)

@@ -120,3 +120,32 @@ def _reference_batch(tokens: torch.Tensor) -> TokenBatch:
     """Plain token ids as a batch in which every position is real."""
     every = torch.ones_like(tokens, dtype=torch.bool)
     return TokenBatch(tokens, torch.full_like(tokens, -1), every, every, None, "reference texts")
+
+
+def skip_removal_hooks(model: Model, removed: Sequence[int], streams: dict[int, torch.Tensor]) -> list[tuple[str, Any]]:
+    """Hooks that remove the skip connection around the blocks in `removed`.
+
+    Each `resid_pre L` [batch, pos, d_model] is kept in `streams[L]` (still in the autograd graph; the
+    embedding is made a leaf that requires grad, so the stream is differentiable), and the
+    `resid_post L` of each removed block becomes `resid_post L - resid_pre L = attn_out L + mlp_out L`:
+    the block's writes alone, without the stream that entered it. Used by the gradient highway and the
+    token-identity counterfactual.
+    """
+
+    def leaf(embedding: torch.Tensor, hook: Any) -> torch.Tensor:
+        return embedding.detach().requires_grad_(True)
+
+    def keep(layer: int):
+        def hook(resid_pre: torch.Tensor, hook: Any) -> None:
+            streams[layer] = resid_pre
+
+        return hook
+
+    def cut_skip(layer: int):
+        def hook(resid_post: torch.Tensor, hook: Any) -> torch.Tensor:
+            return resid_post - streams[layer]  # = attn_out + mlp_out: the block's writes alone
+
+        return hook
+
+    hooks = [(sites.EMBED, leaf)] + [(sites.resid_pre(layer), keep(layer)) for layer in range(model.n_layers)]
+    return hooks + [(sites.resid_post(layer), cut_skip(layer)) for layer in removed]

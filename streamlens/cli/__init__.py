@@ -1,7 +1,8 @@
 """The `streamlens` command: parse options, call the API, write files. No maths here.
 
-One module per command (`ablate`, `decompose`, `report`, `highway`, `check`), each registering itself on the
-shared Typer `app` (`common.py`). Heavy imports (torch, transformer-lens) happen inside the commands,
+One module per command (`ablate`, `decompose`, `report`, `highway`, `check`, `layers`, `identity`, `lens`),
+each registering itself on the shared Typer `app` (`common.py`) and taking the option groups it needs
+(`options.py`: model, data, prompt, output; declared once). Heavy imports (torch, transformer-lens) happen inside the commands,
 so `streamlens --help` is fast. Bad input prints one line naming the bad value and exits with code 2.
 """
 

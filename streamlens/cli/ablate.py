@@ -5,8 +5,10 @@ from __future__ import annotations
 import typer
 
 from streamlens.cli import backend as B
-from streamlens.cli.common import (MIN_BOOTSTRAP, MODEL_HELP, THREADS_HELP, VERIFY_HELP, app, check_at_least,
-                                   check_choice, check_out, fail, parse_ints, progress_bar, use_threads)
+from streamlens.cli.common import (MIN_BOOTSTRAP, app, check_at_least, check_choice, fail, parse_ints, progress_bar,
+                                   stdout_console)
+from streamlens.cli.options import (Count, DataOptions, ModelOptions, OutputOptions, Sweep, data_group,
+                                    model_group, output_group, uses)
 
 
 def damage_table(result, title: str):
@@ -36,13 +38,16 @@ def damage_table(result, title: str):
     return table
 
 
-
 @app.command()
+@uses(model=model_group(),
+      data=data_group(command="ablate", prompts=True,
+                      window=Count(None, 2, help="Tokens per window of text (default 64; text data only)."),
+                      max_windows=Count(None, 1, help="Most windows, taken round-robin over the texts (default 16; "
+                                        "text data only).")),
+      output=output_group(default="streamlens-out", help="Folder for ablation.csv, ablation.json, ablation.html."))
 def ablate(
-    model: str = typer.Option(None, "--model", help=MODEL_HELP),
-    data: str = typer.Option(None, "--data", help="builtin (default: prose and code in data/), prompts (built-in "
-                             "prompt/target set), a .txt file, a .jsonl file ({\"text\"} or {\"prompt\", \"target\"} "
-                             "lines), or a literal text."),
+    model: ModelOptions,
+    data: DataOptions = None,
     unit: str = typer.Option("block", "--unit", help="block, attn, mlp or head."),
     method: str = typer.Option("zero", "--method", help="zero, mean or resample."),
     effect: str = typer.Option("total", "--effect", help="total, direct, or both (adds a direct-vs-total figure)."),
@@ -54,19 +59,12 @@ def ablate(
     heads: str = typer.Option(None, "--heads", help="Heads for --unit head, e.g. 0,3 (default: all)."),
     positions: str = typer.Option("all", "--positions", help="Predictions scored in each window: all, last, or "
                                   "a slice such as 8: (prompt sets: always the last position)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float64 or bfloat16."),
     seed: int = typer.Option(0, "--seed", help="Seeds the resample donors and the bootstrap."),
     batch_size: int = typer.Option(None, "--batch-size", help="Most sequences in one forward (texts x variants; "
                                    "default 16, or chosen from free memory with --device cuda)."),
-    window: int = typer.Option(None, "--window", help="Tokens per window of text (default 64; text data only)."),
-    max_windows: int = typer.Option(None, "--max-windows", help="Most windows, taken round-robin over the texts "
-                                    "(default 16; text data only)."),
     n_boot: int = typer.Option(1000, "--bootstrap", help=f"Bootstrap replicates for the 95% CIs (over texts; at "
                                f"least {MIN_BOOTSTRAP})."),
-    threads: int = typer.Option(None, "--threads", help=THREADS_HELP),
-    verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
-    out: str = typer.Option("streamlens-out", "--out", help="Folder for ablation.csv, ablation.json, ablation.html."),
+    output: OutputOptions = None,
     workers: int = B.WORKERS,
     ray_address: str = B.RAY_ADDRESS,
     checkpoint: bool = B.CHECKPOINT,
@@ -83,20 +81,13 @@ def ablate(
     started = time.perf_counter()
     from streamlens import ablation as A
 
-    check_choice("--unit", unit, A.UNIT_KINDS)
-    check_choice("--method", method, A.METHODS)
-    effects = ("direct", "total") if check_choice("--effect", effect, (*A.EFFECTS, "both")) == "both" else (effect,)
-    check_choice("--cumulative", cumulative, ("none", *A.CUMULATIVE_MODES))
-    layer_list, head_list = parse_ints("--layers", layers), parse_ints("--heads", heads)
+    effects = _check_choices(unit, method, effect, cumulative)
+    check_at_least(("--batch-size", batch_size, 1), ("--bootstrap", n_boot, MIN_BOOTSTRAP), ("--seed", seed, 0))
     metric_list = None if metrics is None else [name.strip() for name in metrics.split(",") if name.strip()]
-    check_at_least(("--batch-size", batch_size, 1), ("--bootstrap", n_boot, MIN_BOOTSTRAP), ("--window", window, 2),
-                   ("--max-windows", max_windows, 1), ("--seed", seed, 0))
-    check_out(out)
-    on_ray = B.check_backend_options(workers, ray_address, device)
-    try:
-        prompts = _check_data(data, window, max_windows, positions, metric_list)
-    except (ValueError, OSError) as error:
-        fail(str(error))
+    sweep = Sweep(unit, method, effects, cumulative, layers, heads, parse_ints("--layers", layers),
+                  parse_ints("--heads", heads), metric_list, positions, seed, batch_size, n_boot)
+    on_ray = B.check_backend_options(workers, ray_address, model.device)
+    data = _check_data(data, positions, metric_list)
     if check_choice("--estimate", estimate, ("none", *A.ESTIMATES)) == "none" and (verify_top or verify_all):
         fail("--verify-top / --verify-all check an estimate: add --estimate atp (or atp-qk, atpstar)")
     if estimate != "none":
@@ -104,94 +95,144 @@ def ablate(
             fail(f"--estimate {estimate} runs in this process: drop --workers / --ray-address")
         from streamlens.cli.attribution import ablate_estimate
 
-        options = A.EvalOptions(metrics=metric_list, seed=seed, batch_size=batch_size or 16, n_boot=n_boot,
-                                threads=use_threads(threads))
-        window, max_windows = (None, None) if prompts else (window or 64, max_windows or 16)
-        return ablate_estimate(options, estimate=estimate, verify_top=verify_top, verify_all=verify_all,
-                               effect=effect, cumulative=cumulative, model=model, data=data, unit=unit,
-                               method=method, layers=layer_list, heads=head_list, positions=positions,
-                               device=device, dtype=dtype, window=window or 64, max_windows=max_windows, out=out,
-                               started=started)
-    from rich.console import Console
-
-    from streamlens import data as D
-    from streamlens.files import write_outputs
-    from streamlens.model import load_model
-    from streamlens.pages.ablation import ablation_files
-    from streamlens.results import command_line
-
-    used_threads = use_threads(threads)  # this process; Ray workers get --threads or 1 each
-    ray = B.connect(workers, ray_address, device, threads) if on_ray else None
+        return ablate_estimate(sweep, model, data, output, estimate=estimate, verify_top=verify_top,
+                               verify_all=verify_all, started=started)
+    ray = B.connect(workers, ray_address, model.device, model.threads) if on_ray else None
     try:
-        loaded = load_model(model, dtype=dtype, device="cpu" if on_ray else device, verify=verify)  # on Ray the workers compute
-        window, max_windows = (None, None) if prompts else (window or 64, max_windows or 16)
-        batch = D.load_batch(loaded, data, window=window or 64, max_windows=max_windows, positions=positions)
-        A.units(loaded, unit, layer_list, head_list)  # layer and head ranges: checked before any work
-        if batch_size is None:  # resuming keeps the unfinished run's; else 16, or what fits on the GPU
-            batch_size = (checkpoint and B.stored_batch_size(out)) or B.choose_batch_size(ray, loaded, batch, device)
-        options = A.EvalOptions(metrics=metric_list, seed=seed, batch_size=batch_size, n_boot=n_boot,
-                                threads=used_threads)
-        identity = {"unit": unit, "method": method, "effect": effect, "cumulative": cumulative, "layers": layers,
-                    "heads": heads, "metrics": metrics, "seed": seed, "batch_size": batch_size}
-        backend, saved = B.backend_for(ray, checkpoint, out, loaded, batch, identity)
-        command = command_line()
-        results, curve = _sweeps(loaded, batch, unit, method, effects, layer_list, head_list, cumulative, options,
-                                 command, Console(stderr=True), backend)
-        settings = {"command": command, "unit": unit, "method": method, "effect": effect, "cumulative": cumulative,
-                    "positions": positions, "layers": layers or "all", "heads": heads or ("all" if unit == "head"
-                    else None), "window": window, "max_windows": max_windows, "batch_size": batch_size,
-                    "bootstrap": n_boot, "seed": seed, "backend": results[effects[-1]].provenance.backend}
-        files = ablation_files(results, curve, batch, loaded, settings, time.perf_counter() - started)
-        folder = write_outputs(out, files)
-    except (ValueError, OSError) as error:
-        fail(str(error))
+        _measure(sweep, model, data, output, ray, checkpoint, started)
     finally:
         if ray is not None:
             ray.close()
+
+
+def _check_choices(unit: str, method: str, effect: str, cumulative: str) -> tuple[str, ...]:
+    """Check the named choices; returns the effects to sweep (both: direct, then total)."""
+    from streamlens import ablation as A
+
+    check_choice("--unit", unit, A.UNIT_KINDS)
+    check_choice("--method", method, A.METHODS)
+    check_choice("--cumulative", cumulative, ("none", *A.CUMULATIVE_MODES))
+    return ("direct", "total") if check_choice("--effect", effect, (*A.EFFECTS, "both")) == "both" else (effect,)
+
+
+def _measure(sweep: Sweep, model: ModelOptions, data: DataOptions, output: OutputOptions, ray, checkpoint: bool,
+             started: float) -> None:
+    """Load, sweep (and the cumulative curve), write ablation.{csv,json,html}, print the damage table."""
+    import time
+
+    from rich.console import Console
+
+    from streamlens import ablation as A
+    from streamlens import data as D
+    from streamlens.pages.ablation import ablation_files
+    from streamlens.results import command_line
+
+    try:
+        threads = model.set_threads()  # this process; Ray workers get --threads or 1 each
+        loaded = model.load(device="cpu" if ray is not None else None)  # on Ray the workers compute
+        batch = D.load_batch(loaded, data.source, window=data.window, max_windows=data.max_windows,
+                             positions=sweep.positions)
+        A.units(loaded, sweep.unit, sweep.layer_list, sweep.head_list)  # layer and head ranges: checked before work
+        batch_size = sweep.batch_size or _batch_size(ray, checkpoint, output.out, loaded, batch, model.device)
+        options = A.EvalOptions(metrics=sweep.metrics, seed=sweep.seed, batch_size=batch_size, n_boot=sweep.n_boot,
+                                threads=threads)
+        identity = _identity(sweep, data, batch_size)
+        if checkpoint:
+            _check_resume(output.out, identity)
+        backend, saved = B.backend_for(ray, checkpoint, output.out, loaded, batch, identity)
+        command = command_line()
+        results, curve = _sweeps(loaded, batch, sweep, options, command, Console(stderr=True), backend)
+        last = results[sweep.effects[-1]]
+        settings = {"command": command, "unit": sweep.unit, "method": sweep.method, "effect": sweep.effect,
+                    "cumulative": sweep.cumulative, "positions": sweep.positions, "layers": sweep.layers or "all",
+                    "heads": sweep.heads or ("all" if sweep.unit == "head" else None), "window": data.window,
+                    "max_windows": data.max_windows, "batch_size": batch_size, "bootstrap": sweep.n_boot,
+                    "seed": sweep.seed, "backend": last.provenance.backend}
+        files = ablation_files(results, curve, batch, loaded, settings, time.perf_counter() - started)
+    except (ValueError, OSError) as error:
+        fail(str(error))
+    folder = output.write(files)
     if saved is not None:
         saved.remove()  # the outputs are written: nothing left to resume
-    Console().print(damage_table(results[effects[-1]], f"Removing one {unit} at a time ({method}, {effects[-1]} "
-                                                       f"effect)"))
+    stdout_console().print(damage_table(last, f"Removing one {sweep.unit} at a time ({sweep.method}, "
+                                              f"{sweep.effects[-1]} effect)"))
     typer.echo(f"wrote {', '.join(files)} to {folder} in {time.perf_counter() - started:.1f} s")
 
 
-def _check_data(data, window, max_windows, positions, metrics) -> bool:
-    """Check the data source and the options that depend on it before any model loads; True for a prompt set."""
+def _batch_size(ray, checkpoint: bool, out: str, loaded, batch, device: str) -> int:
+    """Resuming keeps the unfinished run's batch size; else 16, or what fits on the GPU."""
+    return (checkpoint and B.stored_batch_size(out)) or B.choose_batch_size(ray, loaded, batch, device)
+
+
+# the settings that name a run for its checkpoint, and the option each comes from
+RESUME_OPTIONS = {"unit": "--unit", "method": "--method", "effect": "--effect", "cumulative": "--cumulative",
+                  "layers": "--layers", "heads": "--heads", "metrics": "--metrics", "seed": "--seed",
+                  "batch_size": "--batch-size", "positions": "--positions", "window": "--window",
+                  "max_windows": "--max-windows"}
+
+
+def _identity(sweep: Sweep, data: DataOptions, batch_size: int) -> dict:
+    metrics = None if sweep.metrics is None else ",".join(sweep.metrics)
+    return {"unit": sweep.unit, "method": sweep.method, "effect": sweep.effect, "cumulative": sweep.cumulative,
+            "layers": sweep.layers, "heads": sweep.heads, "metrics": metrics, "seed": sweep.seed,
+            "batch_size": batch_size, "positions": sweep.positions, "window": data.window,
+            "max_windows": data.max_windows}
+
+
+def _check_resume(out: str, identity: dict) -> None:
+    """An unfinished run in `out` made with other options: name the first option that differs."""
+    from streamlens.ablation.backends import Checkpoint
+
+    folder = B.checkpoint_folder(out)
+    try:
+        stored = Checkpoint.stored(folder)
+    except ValueError as error:
+        fail(str(error))
+    for key, option in RESUME_OPTIONS.items():
+        if stored is not None and key in stored and stored[key] != identity[key]:
+            fail(f"checkpoint {folder} was made by another run: {option} {stored[key]} there, {identity[key]} now "
+                 f"(give the same options to resume it, or start over with --no-checkpoint or another --out)")
+
+
+def _check_data(data: DataOptions, positions: str, metrics: list[str] | None) -> DataOptions:
+    """Check the options that depend on the data before any model loads; the defaults filled in."""
     from streamlens import data as D
     from streamlens.metrics import check_metrics
 
-    prompts = D.is_prompt_source(data)
-    if prompts and (window is not None or max_windows is not None):
-        fail(f"--window/--max-windows apply to text data; --data {data} is a prompt set, scored at each "
+    if data.prompts and (data.window is not None or data.max_windows is not None):
+        fail(f"--window/--max-windows apply to text data; --data {data.source} is a prompt set, scored at each "
              f"prompt's last position")
-    D.check_source(data)
-    if metrics is not None:
-        check_metrics(metrics, has_targets=prompts)
-    if not prompts:
-        D.parse_positions(positions, (window or 64) - 1)
-    elif positions.strip().lower() != "all":
+    try:
+        if metrics is not None:
+            check_metrics(metrics, has_targets=data.prompts)
+        if not data.prompts:
+            D.parse_positions(positions, (data.window or 64) - 1)
+    except ValueError as error:
+        fail(str(error))
+    if data.prompts and positions.strip().lower() != "all":
         fail(f"--positions {positions!r}: positions apply to text windows; a prompt set is scored at each "
              f"prompt's last position")
-    return prompts
+    return data if data.prompts else DataOptions(data.source, data.window or 64, data.max_windows or 16)
 
 
-def _sweeps(model, batch, unit, method, effects, layers, heads, cumulative, options, command, console, backend=None):
+def _sweeps(model, batch, sweep: Sweep, options, command, console, backend=None):
     """The sweep for each effect (and the cumulative curve) under one progress bar: (results, curve)."""
     from streamlens import ablation as A
 
-    sites_list = A.units(model, unit, layers, heads)
+    sites_list = A.units(model, sweep.unit, sweep.layer_list, sweep.head_list)
     n_chunks = -(-batch.n_texts // min(options.batch_size, batch.n_texts))
-    total = len(effects) * len(sites_list) * n_chunks
-    if cumulative != "none":
-        total += A.cumulative_evaluations(len(sites_list), cumulative) * n_chunks
+    total = len(sweep.effects) * len(sites_list) * n_chunks
+    if sweep.cumulative != "none":
+        total += A.cumulative_evaluations(len(sites_list), sweep.cumulative) * n_chunks
     with progress_bar(console) as bar:
-        task = bar.add_task(f"ablating {len(sites_list)} {unit} units", total=total)
+        task = bar.add_task(f"ablating {len(sites_list)} {sweep.unit} units", total=total)
         advance = lambda n: bar.advance(task, n)  # noqa: E731
-        results = {name: A.sweep(model, batch, unit, method, name, layers, heads, options, progress=advance,
-                                 command=command, backend=backend) for name in effects}
+        results = {name: A.sweep(model, batch, sweep.unit, sweep.method, name, sweep.layer_list, sweep.head_list,
+                                 options, progress=advance, command=command, backend=backend)
+                   for name in sweep.effects}
         curve = None
-        if cumulative != "none":
-            ranked = [sites_list[i] for i in A.by_damage(results[effects[-1]])]
-            curve = A.cumulative(model, batch, ranked, cumulative, method, effects[-1], options, progress=advance,
-                                 command=command, backend=backend)
+        if sweep.cumulative != "none":
+            ranked = [sites_list[i] for i in A.by_damage(results[sweep.effects[-1]])]
+            curve = A.cumulative(model, batch, ranked, sweep.cumulative, sweep.method, sweep.effects[-1], options,
+                                 progress=advance, command=command, backend=backend)
     return results, curve

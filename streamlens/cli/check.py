@@ -4,53 +4,43 @@ from __future__ import annotations
 
 import typer
 
-from streamlens.cli.common import MODEL_HELP, app, fail
+from streamlens.cli.common import MODEL_HELP, app, fail, stdout_console
+from streamlens.cli.options import EXACT_DTYPES, ModelOptions, OutputOptions, model_group, output_group, uses
 
 
 @app.command()
+@uses(model=model_group(dtypes=EXACT_DTYPES, why="the decomposition check needs an exact sum"),
+      output=output_group(default=None, help="Also write check.csv and check.json (provenance) to this folder."))
 def check(
-    model: str = typer.Argument(None, help=MODEL_HELP),
-    model_option: str = typer.Option(None, "--model", help="The same as the MODEL argument."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float64 or bfloat16."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
-    out: str = typer.Option(None, "--out", help="Also write check.csv and check.json (provenance) to this folder."),
+    name: str = typer.Argument(None, help=MODEL_HELP, metavar="[MODEL]"),
+    model: ModelOptions = None,
+    output: OutputOptions = None,
 ) -> None:
     """Load a model and check that streamlens is exact on it: bridge vs HF logits, the write identity,
     the decomposition, per-head sums and an ablation spot check. Exit 0 when all hold, 1 when one
     fails, 2 when the model cannot be loaded at all (e.g. a family the bridge cannot run)."""
-    import json
-
-    from rich.console import Console
-
-    if model is not None and model_option is not None and model != model_option:
-        fail(f"two models given: {model!r} and --model {model_option!r}; give one")
-    name = model if model is not None else model_option
+    if name is not None and model.name is not None and name != model.name:
+        fail(f"two models given: {name!r} and --model {model.name!r}; give one")
     try:
-        from streamlens.files import check_out_dir, write_outputs
-
-        if out is not None:
-            check_out_dir(out)
         from streamlens.exactness import check_model
-        from streamlens.model import load_model
 
-        loaded = load_model(name, dtype=dtype, device=device, strict=False)  # the table shows any difference
+        model.set_threads()
+        loaded = model.load(name, strict=False)  # the table shows any difference
         result = check_model(loaded)
     except (ValueError, OSError) as error:
         fail(str(error))
-    Console().print(check_table(result))
+    stdout_console().print(check_table(result))
     if loaded.info.fidelity:
         typer.echo(loaded.info.fidelity, err=True)
-    if out is not None:
+    if output.out is not None:
+        import json
         from dataclasses import asdict
 
         summary = {"model": result.provenance.model, "family": result.family, "passed": result.passed,
                    "provenance": asdict(result.provenance),
                    "checks": result.to_dataframe().to_dict(orient="records")}
-        try:
-            write_outputs(out, {"check.csv": result.to_dataframe().to_csv(index=False),
-                                "check.json": json.dumps(summary, indent=2)})
-        except (ValueError, OSError) as error:
-            fail(str(error))
+        output.write({"check.csv": result.to_dataframe().to_csv(index=False),
+                      "check.json": json.dumps(summary, indent=2)})
     raise typer.Exit(code=0 if result.passed else 1)
 
 

@@ -5,16 +5,56 @@ Only typer is imported here: `streamlens --help` must not load torch or transfor
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
+
+# click's error classes as typer uses them (typer may ship its own copy of click): found from a public name
+_USAGE_ERROR = next(kind for kind in typer.BadParameter.__mro__ if kind.__name__ == "UsageError")
+_CLICK_ERROR = next(kind for kind in typer.BadParameter.__mro__ if kind.__name__ == "ClickException")
+
+class _OneErrorForm(_CLICK_ERROR):  # type: ignore[misc, valid-type]
+    """A usage error of click's (bad option, bad value) shown as ours: 'error: ...', lower case like `fail`."""
+
+    def __init__(self, error: Any) -> None:
+        super().__init__(error.format_message())
+        self.error, self.exit_code = error, error.exit_code
+
+    def show(self, file: Any = None) -> None:
+        import io
+
+        buffer = io.StringIO()
+        self.error.show(buffer)
+        text = buffer.getvalue()
+        typer.echo(text[len("Error: "):] if text.startswith("Error: ") else text.replace("\nError: ", "\nerror: "),
+                   err=True, nl=False)
+
+
+class _Group(TyperGroup):
+    """The app's command group: click's own errors say 'error:' as `fail` does."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except _USAGE_ERROR as error:
+            raise _OneErrorForm(error) from None
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _USAGE_ERROR as error:
+            raise _OneErrorForm(error) from None
+
 
 app = typer.Typer(
+    cls=_Group,
     name="streamlens",
     help="Measure the Transformer residual stream: record writes, decompose logits, ablate layers.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "pip install 'streamlens[ray]'" must keep its [ray]
 )
 
 MODEL_HELP = "'smollm2' (default), a .gguf file, an HF folder or a name in the local HF cache."
@@ -57,8 +97,6 @@ def progress_bar(console=None, transient: bool = True):
     return Progress(*columns, console=console, transient=transient)
 
 
-THREADS_HELP = "torch CPU threads (default: the cores idle right now, at least 1)."
-VERIFY_HELP = "Re-hash every file of the cached model conversion (default: only files whose size or mtime changed)."
 MIN_BOOTSTRAP = 40  # fewer replicates leave a 2.5% tail of the 95% interval without a single draw
 
 
@@ -78,8 +116,10 @@ def check_out(out: str, file_suffix: str | None = None):
     try:
         if file_suffix is not None:
             path = Path(out)
-            if not out.strip() or path.suffix.lower() != file_suffix or path.is_dir():
-                fail(f"--out {out!r} must be a file path ending in {file_suffix}")
+            if path.is_dir():
+                fail(f"--out {out} is a folder: give a file path ending in {file_suffix}")
+            if not out.strip() or path.suffix.lower() != file_suffix:
+                fail(f"--out {out!r} is not a {file_suffix} file: give a path ending in {file_suffix}")
             check_out_dir(path.parent if str(path.parent) else ".")
             return path
         return check_out_dir(out)
@@ -123,11 +163,11 @@ def _cpu_times(cpus: list[int]) -> dict[int, tuple[int, int]]:
     return times
 
 
-def use_threads(threads: int | None) -> int:
-    """Check `--threads` and give torch that many (default: `default_threads()`); returns the number used."""
-    check_at_least(("--threads", threads, 1))
-    import torch
+def stdout_console():
+    """The console for a command's tables: the terminal's width, or unlimited when stdout is a file or a
+    pipe (rich would cut every value to 80 columns: '7.5e-…')."""
+    import sys
 
-    chosen = threads or default_threads()
-    torch.set_num_threads(chosen)
-    return chosen
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=1000)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import typer
 
-from streamlens.cli.common import (MODEL_HELP, THREADS_HELP, VERIFY_HELP, app, check_at_least, check_out, fail,
-                                   parse_ints, progress_bar, use_threads)
+from streamlens.cli.common import app, check_at_least, fail, parse_ints, progress_bar
+from streamlens.cli.options import ModelOptions, OutputOptions, model_group, output_group, uses
 
 
 @app.command()
+@uses(model=model_group(), output=output_group(default="streamlens-out/highway",
+                                               help="Folder for highway.csv, .json and .html."))
 def highway(
     depths: str = typer.Option("2,4,8,16,32,64", "--depths", help="Toy stack depths (blocks), comma-separated."),
     steps: int = typer.Option(300, "--steps", help="Training steps per toy stack (0: measure at init only)."),
@@ -17,39 +19,35 @@ def highway(
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate (the same for plain and residual)."),
     norm: str = typer.Option("none", "--norm", help="Toy blocks: none, or layer (pre-LayerNorm)."),
     init: str = typer.Option("torch", "--init", help="Toy init: torch (PyTorch default) or he."),
-    model: str = typer.Option(None, "--model", help=MODEL_HELP),
+    model: ModelOptions = None,
     remove_skips: list[str] = typer.Option(["10-12", "all"], "--remove-skips",
                                            help="Real model: blocks whose skip is removed, e.g. 10-12 or 5,15,25 "
                                                 "or all; repeat for several conditions ('all skips' always runs)."),
     window: int = typer.Option(64, "--window", help="Real model: tokens per text window."),
     n_windows: int = typer.Option(4, "--n-windows", help="Real model: number of text windows in the batch."),
-    skip_real: bool = typer.Option(False, "--skip-real", help="Only the toy stacks (no real model)."),
-    threads: int = typer.Option(None, "--threads", help=THREADS_HELP + " The toy stacks always use 1."),
-    verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
-    out: str = typer.Option("streamlens-out/highway", "--out", help="Folder for highway.csv, .json and .html."),
+    skip_real: bool = typer.Option(False, "--skip-real", help="Only the toy stacks (no real model; they always run on "
+                                   "1 thread)."),
+    output: OutputOptions = None,
 ) -> None:
     """Why residual connections let deep stacks train: gradient norms per layer, toy stacks and SmolLM2."""
     import time
 
     started = time.perf_counter()
-    check_out(out)
     check_at_least(("--window", window, 2), ("--n-windows", n_windows, 1))
     try:
         from streamlens import highway as hw
-        from streamlens.files import write_outputs
         from streamlens.pages import highway as pages
         from streamlens.results import command_line
+        from streamlens.sites import parse_layers
 
         parsed = parse_ints("--depths", depths)
         config = hw.ToyConfig(depths=tuple(parsed), steps=steps, seed=seed, width=width, lr=lr, norm=norm, init=init)
-        use_threads(threads)
+        model.set_threads()
         loaded = tokens = text = None
         removed: list[tuple[int, ...]] = [()]
         if not skip_real:
-            from streamlens.model import load_model
-
-            loaded = load_model(model, verify=verify)
-            removed += [hw.parse_layers(spec, loaded.n_layers) for spec in remove_skips]
+            loaded = model.load()
+            removed += [parse_layers(spec, loaded.n_layers) for spec in remove_skips]
             tokens, text = hw.highway_tokens(loaded, window, n_windows)
     except (ValueError, OSError) as error:
         fail(str(error))
@@ -59,10 +57,7 @@ def highway(
     seconds = time.perf_counter() - started
     if not bool(toy.final_loss.isfinite().all()):  # a diverged run is no measurement: say so, write nothing
         fail(f"training diverged (final loss not finite) with --lr {lr}: try a smaller learning rate, e.g. 1e-3")
-    try:
-        folder = write_outputs(out, pages.highway_files(toy, real, config, command, seconds))
-    except (ValueError, OSError) as error:
-        fail(str(error))
+    folder = output.write(pages.highway_files(toy, real, config, command, seconds))
     at_init, trained = toy.first_to_last(0), toy.first_to_last(-1)
     for d, depth in enumerate(toy.depths):
         typer.echo(f"depth {depth:>4}: grad ratio first/last at init  plain {float(at_init[0, d]):.3g}  residual "

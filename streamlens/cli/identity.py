@@ -4,54 +4,58 @@ from __future__ import annotations
 
 import typer
 
-from streamlens.cli.common import MODEL_HELP, app, fail, progress_bar
+from streamlens.cli.common import app, fail, progress_bar
+from streamlens.cli.options import (EXACT_DTYPES, Count, DataOptions, ModelOptions, OutputOptions, PromptOptions,
+                                    data_group, model_group, output_group, prompt_group, uses)
 
 
 @app.command()
+@uses(model=model_group(dtypes=EXACT_DTYPES, why="the attention-source split must sum exactly"),
+      data=data_group(command="identity", window=Count(64, 2), note="At least two texts: the probe is scored on "
+                      "texts it was not fitted on."),
+      prompt=prompt_group(help="Prompt for the attention-source split.", target_help="Token whose logit is split, "
+                          "e.g. ' Paris' (default: top)."),
+      output=output_group(default="streamlens-out/identity", help="Folder for identity.csv, .json and .html."))
 def identity(
-    model: str = typer.Option(None, "--model", help=MODEL_HELP),
-    data: str = typer.Option(None, "--data", help="Texts: builtin (default), a .txt/.jsonl file or a literal text "
-                             "(at least two texts: the probe is scored on texts it was not fitted on)."),
-    window: int = typer.Option(64, "--window", help="Tokens per window of text."),
+    model: ModelOptions,
+    data: DataOptions = None,
     max_per_text: int = typer.Option(None, "--max-per-text", help="Most windows per text (default: all)."),
     remove_skips: str = typer.Option("0,10,20", "--remove-skips", help="Blocks whose skip is removed, one condition "
                                      "each, e.g. 0,10,20 or 5-7 (none: no counterfactual)."),
     alpha: float = typer.Option(0.1, "--alpha", help="Ridge penalty per training token (standardised features)."),
-    prompt: str = typer.Option("The capital of France is", "--prompt", help="Prompt for the attention-source split."),
-    target: str = typer.Option(None, "--target", help="Token whose logit is split, e.g. ' Paris' (default: top)."),
+    prompt: PromptOptions = None,
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap over texts."),
-    out: str = typer.Option("streamlens-out/identity", "--out", help="Folder for identity.csv, .json and .html."),
+    output: OutputOptions = None,
 ) -> None:
     """Token identity per layer (probe, embedding read-out, cosine; skips removed) and attention sources."""
     import time
 
     started = time.perf_counter()
+    if max_per_text is not None and max_per_text < 1:
+        fail(f"--max-per-text {max_per_text} must be at least 1")
+    if not 0 < alpha < float("inf"):
+        fail(f"--alpha {alpha} out of range: must be a positive finite number, e.g. 0.1")
     try:
-        from streamlens.corpus import text_windows
-        from streamlens.files import check_out_dir, write_outputs
+        from streamlens.data import load_texts, text_windows
         from streamlens.identity import token_identity
-        from streamlens.model import load_model
-        from streamlens.pages.carry import identity_files, identity_summary
+        from streamlens.pages.identity import identity_files, identity_summary
         from streamlens.results import command_line
-        from streamlens.highway import parse_layers
+        from streamlens.sites import parse_layers
         from streamlens.sources import attention_sources
 
-        check_out_dir(out)
-        if window < 2 or (max_per_text is not None and max_per_text < 1) or not alpha > 0:
-            raise ValueError(f"--window {window}, --max-per-text {max_per_text}, --alpha {alpha}: need window >= 2, "
-                             "max-per-text >= 1, alpha > 0")
-        from streamlens.data import load_texts
-
-        if len(load_texts(data)) < 2:
-            raise ValueError(f"--data {data!r} holds one text: the probe needs at least two (fitted on one, scored on another)")
-        loaded = load_model(model)
+        if len(load_texts(data.source)) < 2:
+            raise ValueError(f"--data {data.source!r} is one text: the probe needs at least two (fitted on some, "
+                             f"scored on others): give a .txt/.jsonl file of several texts, or builtin")
+        model.set_threads()
+        loaded = model.load()
         removed = parse_layers(remove_skips, loaded.n_layers)
-        tokens = loaded.to_tokens(prompt)
-        if target is not None:
-            loaded.token_id(target)
-        windows = text_windows(loaded, data, window, max_per_text)
+        tokens = loaded.to_tokens(prompt.prompt)
+        if prompt.target is not None:
+            loaded.token_id(prompt.target)
+        windows = text_windows(loaded, data.source, data.window, max_per_text)
         if len(windows.text_of.unique()) < 2:
-            raise ValueError(f"only one text of --data is at least --window {window} tokens long: use a shorter window")
+            raise ValueError(f"only one text of --data is at least --window {data.window} tokens long: use a shorter "
+                             f"window")
     except (ValueError, OSError) as error:
         fail(str(error))
 
@@ -60,12 +64,9 @@ def identity(
         task = progress.add_task(f"{loaded.info.name}: identity conditions", total=1 + len(removed))
         result = token_identity(loaded, windows, removed, alpha=alpha, seed=seed, command=command,
                                 on_condition=lambda: progress.advance(task))
-    sources = attention_sources(loaded, tokens, target, command=command)
+    sources = attention_sources(loaded, tokens, prompt.target, command=command)
     seconds = time.perf_counter() - started
-    try:
-        folder = write_outputs(out, identity_files(result, sources, command, seconds))
-    except (ValueError, OSError) as error:
-        fail(str(error))
+    folder = output.write(identity_files(result, sources, command, seconds))
     summary = identity_summary(result)
     for target_name in result.targets:
         for stage, row in summary[target_name].items():

@@ -4,95 +4,89 @@ from __future__ import annotations
 
 import typer
 
-from streamlens.cli.common import MODEL_HELP, app, fail, parse_ints, progress_bar
+from streamlens.cli.common import MIN_BOOTSTRAP, app, check_at_least, fail, parse_ints, progress_bar
+from streamlens.cli.options import (Count, DataOptions, ModelOptions, OutputOptions, data_group, model_group,
+                                    output_group, uses)
 
 
 @app.command()
+@uses(model=model_group(many=True),
+      data=data_group(command="layers", window=Count(32, 2, "a window predicts its next tokens"),
+                      max_windows=Count(8, 2, "resample ablation and CIs need two texts", help="Most windows (the "
+                                        "texts of every CI; 16 narrows the CIs about 1.4x and doubles the time)."),
+                      note="Text windows; prompt sets are not used here."),
+      output=output_group(default="streamlens-out/layers", help="Folder for layers.csv, layers.json, layers.html."))
 def layers(
-    model: list[str] = typer.Option(None, "--model", help=MODEL_HELP + " Repeat to overlay several models."),
-    data: str = typer.Option(None, "--data", help="builtin (default), a .txt or .jsonl file of texts, or a literal "
-                             "text (text windows; prompt sets are not used here)."),
-    window: int = typer.Option(32, "--window", help="Tokens per window of text."),
-    max_windows: int = typer.Option(8, "--max-windows", help="Most windows (the texts of every CI; 16 narrows "
-                                    "the CIs about 1.4x and doubles the time)."),
+    model: ModelOptions,
+    data: DataOptions = None,
     span_sizes: str = typer.Option(None, "--span-sizes", help="Sizes whose every span is measured, e.g. 4,8,15 "
                                    "(default: ceil(L/8), ceil(L/4), L/2)."),
     greedy_pool: int = typer.Option(8, "--greedy-pool", help="Greedy removal per kind runs over this many "
                                     "least-damaging sublayers (U of them cost U(U+1)/2 evaluations)."),
     repair_layers: str = typer.Option(None, "--repair-layers", help="Layers whose heads get the self-repair split, "
                                       "e.g. 20-29 or all (default: the last third); sublayers: always all."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float64 or bfloat16."),
     seed: int = typer.Option(0, "--seed", help="Seeds the resample donors and the bootstrap."),
     batch_size: int = typer.Option(64, "--batch-size", help="Most sequences in one forward (texts x variants)."),
-    n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates for the 95% CIs (over texts)."),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads (1 is often faster on a busy machine)."),
-    out: str = typer.Option("streamlens-out/layers", "--out", help="Folder for layers.csv, layers.json, layers.html."),
+    n_boot: int = typer.Option(1000, "--bootstrap", help=f"Bootstrap replicates for the 95% CIs (over texts; at "
+                               f"least {MIN_BOOTSTRAP})."),
+    output: OutputOptions = None,
 ) -> None:
     """Which layers can go, what predicts it cheaply, and do the papers' findings hold on this model."""
     import time
 
     started = time.perf_counter()
-    for option, value in (("--window", window), ("--max-windows", max_windows), ("--greedy-pool", greedy_pool),
-                          ("--batch-size", batch_size), ("--bootstrap", n_boot),
-                          ("--threads", 1 if threads is None else threads)):
-        if value < 1:
-            fail(f"{option} {value} must be at least 1")
-    if window < 2:
-        fail(f"--window {window} must be at least 2 (a window predicts its next tokens)")
-    if max_windows < 2:
-        fail(f"--max-windows {max_windows} must be at least 2 (resample ablation and CIs need two texts)")
+    check_at_least(("--greedy-pool", greedy_pool, 1), ("--batch-size", batch_size, 1),
+                   ("--bootstrap", n_boot, MIN_BOOTSTRAP))
     sizes = parse_ints("--span-sizes", span_sizes)
     heads_layers = None if repair_layers in (None, "all") else parse_ints("--repair-layers", repair_layers)
-    from streamlens import data as D
-    from streamlens.files import check_out_dir, write_outputs
-
     try:
-        check_out_dir(out)
-        D.check_source(data)
-        if D.is_prompt_source(data):
-            raise ValueError(f"--data {data!r} is a prompt set: the layer study runs on text windows (builtin, a "
-                             f".txt or .jsonl file of texts, or a text)")
-        from streamlens import layers as LY
         from streamlens.ablation import EvalOptions
-        from streamlens.model import load_model
+
         from streamlens.results import command_line
 
-        options = EvalOptions(seed=seed, batch_size=batch_size, n_boot=n_boot, threads=threads)
-        loaded, batches, configs = [], [], []
-        for name in model or [None]:
-            one = load_model(name, dtype=dtype, device=device)
-            every = None if repair_layers == "all" else heads_layers
-            config = LY.StudyConfig(tuple(sizes) if sizes else None, greedy_pool,
-                                    tuple(range(one.n_layers)) if repair_layers == "all" else every, options)
-            configs.append(config.check(one))
-            batches.append(D.load_batch(one, data, window=window, max_windows=max_windows))
-            if batches[-1].n_texts < 2:
-                raise ValueError(f"--data gives {batches[-1].n_texts} window of {window} tokens: the study needs at "
-                                 f"least 2 (give more text or a smaller --window)")
-            loaded.append(one)
+        model.check_paths()
+        options = EvalOptions(seed=seed, batch_size=batch_size, n_boot=n_boot, threads=model.set_threads())
+        loaded = [model.load(name) for name in model.names or (None,)]  # every --model loads before any work
+        configs = [_config(one, sizes, greedy_pool, repair_layers, heads_layers, options) for one in loaded]
+        batches = [_batch(one, data) for one in loaded]
     except (ValueError, OSError) as error:
         fail(str(error))
 
     command = command_line()
     studies = [_study(one, batch, config, command) for one, batch, config in zip(loaded, batches, configs)]
-    settings = {"command": command, "window": window, "max_windows": max_windows, "span_sizes": span_sizes,
+    settings = {"command": command, "window": data.window, "max_windows": data.max_windows, "span_sizes": span_sizes,
                 "greedy_pool": greedy_pool, "repair_layers": repair_layers or "last third", "seed": seed,
-                "batch_size": batch_size, "threads": threads}
+                "batch_size": batch_size, "threads": model.threads}
     from streamlens.pages.layers import layers_files
 
     seconds = time.perf_counter() - started
-    try:
-        folder = write_outputs(out, layers_files(studies, settings, seconds))
-    except (ValueError, OSError) as error:
-        fail(str(error))
+    folder = output.write(layers_files(studies, settings, seconds))
     _print(studies)
     typer.echo(f"wrote layers.csv, layers.json, layers.html to {folder} in {time.perf_counter() - started:.1f} s")
 
 
+def _config(model, sizes, greedy_pool, repair_layers, heads_layers, options):
+    """The study's settings for one model, checked against it (span sizes, repair layers)."""
+    from streamlens import importance as LY
+
+    every = tuple(range(model.n_layers)) if repair_layers == "all" else heads_layers
+    return LY.StudyConfig(tuple(sizes) if sizes else None, greedy_pool, every, options).check(model)
+
+
+def _batch(model, data):
+    """The text windows of one model's study (at least two: the CIs resample texts)."""
+    from streamlens.data import load_batch
+
+    batch = load_batch(model, data.source, window=data.window, max_windows=data.max_windows)
+    if batch.n_texts < 2:
+        raise ValueError(f"--data gives {batch.n_texts} window of {data.window} tokens: the study needs at least 2 "
+                         f"(give more text or a smaller --window)")
+    return batch
+
+
 def _study(model, batch, config, command):
     """One model's study under one progress bar (a task per stage)."""
-    from streamlens import layers as LY
+    from streamlens import importance as LY
 
     chunks = -(-batch.n_texts // min(config.options.batch_size, batch.n_texts))
     with progress_bar() as bar:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from streamlens.cli.common import MODEL_HELP, app, fail, progress_bar
+from streamlens.cli.common import app, fail, progress_bar
+from streamlens.cli.options import (Count, DataOptions, ModelOptions, OutputOptions, data_group, model_group,
+                                    output_group, uses)
 
 lens_app = typer.Typer(help="The tuned lens: train affine translators per layer; compare with the logit lens.",
                        no_args_is_help=True)
@@ -15,7 +17,7 @@ HOLD_OUT_HELP = "Every n-th built-in text is held out for evaluation (the rest t
 
 def _windows(loaded, data, window, hold_out_every, part):
     """(train or held-out windows, description) of the data: the built-in texts are split; other data is used whole."""
-    from streamlens.corpus import text_windows
+    from streamlens.data import text_windows
 
     windows = text_windows(loaded, data, window)
     if data is not None and data != "builtin":
@@ -31,39 +33,39 @@ def _report(comparison) -> None:
 
 
 @lens_app.command("train")
+@uses(model=model_group(), data=data_group(command="lens train", window=Count(64, 2), note="Training texts (builtin: "
+                                           "split into train and held out)."),
+      output=output_group(default="streamlens-out/lens", help="Folder for lens.safetensors, "
+                          "lens_train.csv/.json/.html."))
 def train(
-    model: str = typer.Option(None, "--model", help=MODEL_HELP),
-    data: str = typer.Option(None, "--data", help="Training texts: builtin (default; split into train and held out), "
-                             "a .txt/.jsonl file or a literal text."),
+    model: ModelOptions,
+    data: DataOptions = None,
     steps: int = typer.Option(80, "--steps", help="Adam updates."),
     lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate."),
     batch_tokens: int = typer.Option(24, "--batch-tokens", help="Tokens per update (each trains every layer)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the mini-batch order."),
-    window: int = typer.Option(64, "--window", help="Tokens per window of text."),
     hold_out_every: int = typer.Option(5, "--hold-out-every", help=HOLD_OUT_HELP),
-    out: str = typer.Option("streamlens-out/lens", "--out", help="Folder for lens.safetensors, lens_train.csv/.json/.html."),
+    output: OutputOptions = None,
 ) -> None:
     """Train a tuned lens (identity-initialised affine translator per layer) and compare it with the logit lens."""
     import time
 
     started = time.perf_counter()
+    for option, value, low in (("--steps", steps, 1), ("--batch-tokens", batch_tokens, 1), ("--seed", seed, 0),
+                               ("--hold-out-every", hold_out_every, 2)):
+        if value < low:
+            fail(f"{option} {value} out of range: must be at least {low}")
+    if not lr > 0:
+        fail(f"--lr {lr} out of range: must be a positive number")
     try:
-        from streamlens.files import check_out_dir, write_outputs
-        from streamlens.model import load_model
-        from streamlens.pages.carry import lens_files
+        from streamlens.pages.identity import lens_files
         from streamlens.results import command_line
         from streamlens.tunedlens import compare_lenses, train_tuned_lens
 
-        check_out_dir(out)
-        for option, value, low in (("--steps", steps, 1), ("--batch-tokens", batch_tokens, 1), ("--seed", seed, 0),
-                                   ("--hold-out-every", hold_out_every, 2), ("--window", window, 2)):
-            if value < low:
-                raise ValueError(f"{option} {value} out of range: must be at least {low}")
-        if not lr > 0:
-            raise ValueError(f"--lr {lr} out of range: must be a positive number")
-        loaded = load_model(model)
-        trained_on = _windows(loaded, data, window, hold_out_every, "train")
-        held = _windows(loaded, data, window, hold_out_every, "held") if data in (None, "builtin") else None
+        model.set_threads()
+        loaded = model.load()
+        trained_on = _windows(loaded, data.source, data.window, hold_out_every, "train")
+        held = _windows(loaded, data.source, data.window, hold_out_every, "held") if data.source in (None, "builtin") else None
     except (ValueError, OSError) as error:
         fail(str(error))
 
@@ -80,47 +82,45 @@ def train(
                                                               " (training texts: no held-out split for --data)"),
                                 command=command)
     seconds = time.perf_counter() - started
-    try:
-        folder = write_outputs(out, lens_files(comparison, lens, command, seconds, "lens_train"))
-    except (ValueError, OSError) as error:
-        fail(str(error))
+    folder = output.write(lens_files(comparison, lens, command, seconds, "lens_train"))
     _report(comparison)
     typer.echo(f"trained in {lens.seconds:.1f} s on {lens.threads} threads; wrote {folder}/lens.safetensors, "
                f"lens_train.csv, lens_train.json, lens_train.html in {seconds:.1f} s")
 
 
 @lens_app.command("eval")
+@uses(model=model_group(), data=data_group(command="lens eval", window=Count(64, 2), note="builtin: its held-out "
+                                           "texts; other data is used whole."),
+      output=output_group(default="streamlens-out/lens", help="Folder for lens_eval.csv, .json and .html."))
 def evaluate(
     lens_path: str = typer.Option(..., "--lens", help="A lens.safetensors written by `streamlens lens train`."),
-    model: str = typer.Option(None, "--model", help=MODEL_HELP),
-    data: str = typer.Option(None, "--data", help="builtin (default: its held-out texts), a .txt/.jsonl file or a "
-                             "literal text (used whole)."),
-    window: int = typer.Option(64, "--window", help="Tokens per window of text."),
+    model: ModelOptions = None,
+    data: DataOptions = None,
     hold_out_every: int = typer.Option(5, "--hold-out-every", help=HOLD_OUT_HELP),
-    out: str = typer.Option("streamlens-out/lens", "--out", help="Folder for lens_eval.csv, .json and .html."),
+    output: OutputOptions = None,
 ) -> None:
     """KL to the model's output and rank of its top token per layer: logit lens vs a trained tuned lens."""
     import time
     from pathlib import Path
 
     started = time.perf_counter()
+    if hold_out_every < 2:
+        fail(f"--hold-out-every {hold_out_every} out of range: must be at least 2")
     try:
-        from streamlens.files import check_out_dir, write_outputs
-        from streamlens.model import load_model
-        from streamlens.pages.carry import lens_files
+        from streamlens.pages.identity import lens_files
         from streamlens.results import command_line
         from streamlens.tunedlens import TunedLens, check_lens, compare_lenses
 
-        check_out_dir(out)
         if not Path(lens_path).is_file():
             raise ValueError(f"--lens {lens_path} is not a file: give a lens.safetensors from `streamlens lens train`")
         try:
             lens = TunedLens.load(lens_path)
         except Exception as error:  # safetensors raises its own errors for a file that is not one of ours
             raise ValueError(f"--lens {lens_path} is not a tuned lens ({error})") from None
-        loaded = load_model(model)
+        model.set_threads()
+        loaded = model.load()
         check_lens(loaded, lens)
-        windows = _windows(loaded, data, window, hold_out_every, "held")
+        windows = _windows(loaded, data.source, data.window, hold_out_every, "held")
     except (ValueError, OSError) as error:
         fail(str(error))
 
@@ -130,9 +130,6 @@ def evaluate(
         comparison = compare_lenses(loaded, windows.tokens, lens, windows.text_of, text=windows.description,
                                     command=command)
     seconds = time.perf_counter() - started
-    try:
-        folder = write_outputs(out, lens_files(comparison, None, command, seconds, "lens_eval"))
-    except (ValueError, OSError) as error:
-        fail(str(error))
+    folder = output.write(lens_files(comparison, None, command, seconds, "lens_eval"))
     _report(comparison)
     typer.echo(f"wrote {folder}/lens_eval.csv, lens_eval.json, lens_eval.html in {seconds:.1f} s")

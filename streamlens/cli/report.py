@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import typer
 
-from streamlens.cli.common import MODEL_HELP, THREADS_HELP, VERIFY_HELP, app, fail, use_threads
+from streamlens.cli.common import app, fail
+from streamlens.cli.options import (EXACT_DTYPES, DataOptions, ModelOptions, OutputOptions, PromptOptions, data_group,
+                                    model_group, output_group, prompt_group, uses)
 
 
 @app.command()
+@uses(model=model_group(dtypes=EXACT_DTYPES, why="bfloat16 cannot keep the exact sums the report shows"),
+      prompt=prompt_group(help="Prompt to decompose and lens.", target_help="Next token to explain, e.g. ' Paris' "
+                          "(default: top prediction)."),
+      data=data_group(command="report", default="prompts", prompts=True, note="What the ablations run on."),
+      output=output_group(default="streamlens-out/report.html", help="The HTML file to write.", suffix=".html"))
 def report(
-    model: str = typer.Option(None, "--model", help=MODEL_HELP),
-    prompt: str = typer.Option("The capital of France is", "--prompt", help="Prompt to decompose and lens."),
-    target: str = typer.Option(None, "--target", help="Next token to explain, e.g. ' Paris' (default: top prediction)."),
-    data: str = typer.Option("prompts", "--data", help="What the ablations run on: prompts (built-in prompt set), "
-                             "builtin (built-in text), a .txt/.jsonl file or a literal text."),
-    out: str = typer.Option("streamlens-out/report.html", "--out", help="The HTML file to write."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 or float64 (bfloat16 cannot keep the exact sums "
-                              "the report shows)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
-    threads: int = typer.Option(None, "--threads", help=THREADS_HELP),
-    verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
+    model: ModelOptions,
+    prompt: PromptOptions = None,
+    data: DataOptions = None,
+    output: OutputOptions = None,
     lens: str = typer.Option(None, "--lens", help="A lens.safetensors from `streamlens lens train`: adds logit vs "
                              "tuned lens figures."),
 ) -> None:
@@ -27,17 +27,9 @@ def report(
     import time
 
     started = time.perf_counter()
-    if dtype == "bfloat16":  # refused before loading: its 8-bit mantissa breaks the exact sums
-        fail("--dtype bfloat16 is not offered by report: the decomposition must sum exactly; use float32 or float64")
     try:
-        from streamlens.data import check_source
-        from streamlens.files import write_outputs
-        from streamlens.model import load_model
-        from streamlens.pages.html import check_out_path
         from streamlens.pages.report import standard_report
 
-        path = check_out_path(out)
-        check_source(data)
         trained = None
         if lens is not None:
             from streamlens.results.tunedlens import TunedLens
@@ -46,11 +38,12 @@ def report(
                 trained = TunedLens.load(lens)
             except Exception as error:  # a missing file or one that is not a lens: say which
                 raise ValueError(f"--lens {lens} is not a tuned lens from `streamlens lens train` ({error})") from None
-        use_threads(threads)
-        loaded = load_model(model, dtype=dtype, device=device, verify=verify)
+        model.set_threads()
+        loaded = model.load()
         say = lambda line: typer.echo(f"[{time.perf_counter() - started:5.1f} s] {line}", err=True)  # noqa: E731
-        page = standard_report(loaded, prompt=prompt, target=target, data=data, log=say, lens=trained).to_html()
-        written = write_outputs(path.parent, {path.name: page}, set_name=path.name) / path.name
+        page = standard_report(loaded, prompt=prompt.prompt, target=prompt.target, data=data.source, log=say,
+                               lens=trained).to_html()
     except (ValueError, OSError) as error:
         fail(str(error))
+    written = output.write({"report.html": page})
     typer.echo(f"wrote {written} ({written.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")

@@ -19,11 +19,11 @@ composes them in `streamlens.pages.highway`.
 from __future__ import annotations
 
 from streamlens.highway.real import (
-    highway_hooks,
     highway_tokens,
-    parse_layers,
     skip_gradients,
 )
+from streamlens.ablation.apply import skip_removal_hooks
+from streamlens.sites import parse_layers
 from streamlens.highway.toy import (
     KINDS,
     Stack,
@@ -36,7 +36,7 @@ from streamlens.highway.toy import (
 from streamlens.results.highway import ALL_SKIPS, RealHighway, ToyConfig, ToyHighway, condition_label
 
 __all__ = [
-    "ALL_SKIPS", "KINDS", "RealHighway", "Stack", "ToyConfig", "ToyHighway", "condition_label", "highway_hooks",
-    "highway_tokens", "make_stack", "parse_layers", "skip_gradients", "torch_init_ratio", "toy_highway",
+    "ALL_SKIPS", "KINDS", "RealHighway", "Stack", "ToyConfig", "ToyHighway", "condition_label",
+    "highway_tokens", "make_stack", "parse_layers", "skip_gradients", "skip_removal_hooks", "torch_init_ratio", "toy_highway",
     "zero_branch_check",
 ]

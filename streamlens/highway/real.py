@@ -24,25 +24,13 @@ from typing import TYPE_CHECKING, Any
 import einops
 import torch
 
-from streamlens import sites
+from streamlens.ablation.apply import skip_removal_hooks
 from streamlens.model import Model
 from streamlens.results import Provenance, command_line
 from streamlens.results.highway import ALL_SKIPS, RealHighway, condition_label
 
 if TYPE_CHECKING:
     import pandas as pd
-
-def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
-    """Layers whose skip is removed: "none", "all", "10,11,12" or "10-12" (mixable: "0,10-12")."""
-    text = spec.strip().lower()
-    if text in ("", "none"):
-        return ()
-    if text == "all":
-        return tuple(range(n_layers))
-    try:
-        return tuple(sorted(sites.parse_numbers(text, "layers", n_layers)))
-    except ValueError as error:
-        raise ValueError(f"{error} (or none, all)") from None
 
 
 def highway_tokens(model: Model, window: int = 64, n_windows: int = 4) -> tuple[torch.Tensor, str]:
@@ -53,34 +41,10 @@ def highway_tokens(model: Model, window: int = 64, n_windows: int = 4) -> tuple[
     return tokens, f"builtin texts ({tokens.shape[0]} windows of {tokens.shape[1]} tokens)"
 
 
-def highway_hooks(model: Model, removed: Sequence[int], streams: dict[int, torch.Tensor]) -> list[tuple[str, Any]]:
-    """Hooks that make the stream differentiable, keep each `resid_pre L` in `streams[L]` (still in
-    the graph) and remove the skip of the blocks in `removed` (their `resid_post` becomes
-    `attn_out + mlp_out`)."""
-
-    def leaf(embedding: torch.Tensor, hook: Any) -> torch.Tensor:
-        return embedding.detach().requires_grad_(True)
-
-    def keep(layer: int):
-        def hook(resid_pre: torch.Tensor, hook: Any) -> None:
-            streams[layer] = resid_pre
-
-        return hook
-
-    def cut_skip(layer: int):
-        def hook(resid_post: torch.Tensor, hook: Any) -> torch.Tensor:
-            return resid_post - streams[layer]  # = attn_out + mlp_out: the block's writes alone
-
-        return hook
-
-    hooks = [(sites.EMBED, leaf)] + [(sites.resid_pre(layer), keep(layer)) for layer in range(model.n_layers)]
-    return hooks + [(sites.resid_post(layer), cut_skip(layer)) for layer in removed]
-
-
 def _gradients_without_skips(model: Model, tokens: torch.Tensor, removed: Sequence[int]) -> tuple[torch.Tensor, ...]:
     """One forward and backward pass: (grad_norm [layer], stream_norm [layer], loss [])."""
     streams: dict[int, torch.Tensor] = {}
-    hooks = highway_hooks(model, removed, streams)
+    hooks = skip_removal_hooks(model, removed, streams)
     with torch.enable_grad():
         logits = model.run(tokens, hooks=hooks)
         predictions = einops.rearrange(logits[:, :-1], "batch pos vocab -> (batch pos) vocab")

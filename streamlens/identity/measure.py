@@ -10,7 +10,7 @@ The same for the previous token (positions >= 1). Tokens are split into word sta
 with a non-letter/digit, e.g. a space, or follows one) and continuations (a letter or digit glued to
 a letter or digit before it).
 
-Counterfactual: with the skip around block L removed (`highway.highway_hooks`: the stream leaving
+Counterfactual: with the skip around block L removed (`ablation.apply.skip_removal_hooks`: the stream leaving
 block L is attn_out L + mlp_out L alone) the stream after L and the final stream are measured again.
 Intervals: 95% bootstrap over texts (resampling whole texts, pooled over their tokens).
 """
@@ -23,8 +23,8 @@ import einops
 import torch
 
 from streamlens import sites
-from streamlens.corpus import TextWindows
-from streamlens.highway import highway_hooks
+from streamlens.data import TextWindows
+from streamlens.ablation.apply import skip_removal_hooks
 from streamlens.identity.probe import fit_probe
 from streamlens.model import Model
 from streamlens.recording import record
@@ -60,7 +60,7 @@ def stage_features(model: Model, tokens: torch.Tensor, removed: int | None) -> d
         return hook
 
     after = sites.resid_post(removed)
-    hooks = highway_hooks(model, [removed], streams) + [(after, keep(after)), (sites.FINAL_STREAM, keep(sites.FINAL_STREAM))]
+    hooks = skip_removal_hooks(model, [removed], streams) + [(after, keep(after)), (sites.FINAL_STREAM, keep(sites.FINAL_STREAM))]
     with torch.no_grad():
         model.run(tokens, hooks=hooks)
     return {removed + 1: kept[after], model.n_layers: kept[sites.FINAL_STREAM]}
@@ -99,6 +99,46 @@ def _interval(values: torch.Tensor, mask: torch.Tensor, text: torch.Tensor, n_te
     return float(sums.sum() / counts.sum()), float(boots.quantile(0.025)), float(boots.quantile(0.975))
 
 
+def _check_texts(windows: TextWindows, alpha: float) -> torch.Tensor:
+    """The windows' texts (at least two: the probe is scored on texts it was not fitted on); alpha > 0."""
+    texts = windows.text_of.unique()
+    if len(texts) < 2:
+        raise ValueError(f"token identity needs at least 2 texts (the probe is scored on texts it was not fitted on), "
+                         f"got {len(texts)}")
+    if not alpha > 0:
+        raise ValueError(f"alpha {alpha!r} out of range: must be a positive number")
+    return texts
+
+
+def _labels(model: Model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Per token of the windows [window * pos]: its id, the previous token's id (-1 at a window's first
+    position), and the masks of each split (all, word start, continuation)."""
+    flat = einops.rearrange
+    starts = flat(word_starts(model, tokens.cpu()), "w p -> (w p)")
+    current = flat(tokens.cpu(), "w p -> (w p)")
+    previous = torch.full_like(tokens.cpu(), -1)
+    previous[:, 1:] = tokens[:, :-1].cpu()
+    split_masks = {"all": torch.ones_like(starts), "word start": starts, "continuation": ~starts}
+    return current, flat(previous, "w p -> (w p)"), split_masks
+
+
+def _held_out_hits(features: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, texts: torch.Tensor,
+                   alpha: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The probe fitted leaving one text out at a time, scored on that text: per token [token] the
+    top-1, top-5 and majority hits (float64) and whether the token was scorable (bool)."""
+    has = labels >= 0  # -1: no such token (the previous token of a window's first position)
+    hits = {name: torch.zeros(len(labels), dtype=torch.float64) for name in MEASURES[:3]}
+    scorable = torch.zeros(len(labels), dtype=torch.bool)
+    for held in texts:
+        train, test = has & (text != held), has & (text == held)
+        probe = fit_probe(features[train].cpu(), labels[train], alpha)
+        top1, top5, majority, ok = probe.hits(features[test].cpu(), labels[test])
+        for name, hit in zip(MEASURES[:3], (top1, top5, majority)):
+            hits[name][test] = hit.double()
+        scorable[test] = ok
+    return hits, scorable
+
+
 def token_identity(
     model: Model,
     windows: TextWindows,
@@ -120,24 +160,13 @@ def token_identity(
         seed: the seed of the resamples.
     """
     removed = tuple(model.check_layer(layer) for layer in removed)
-    texts = windows.text_of.unique()
-    if len(texts) < 2:
-        raise ValueError(f"token identity needs at least 2 texts (the probe is scored on texts it was not fitted on), "
-                         f"got {len(texts)}")
-    if not alpha > 0:
-        raise ValueError(f"alpha {alpha!r} out of range: must be a positive number")
+    texts = _check_texts(windows, alpha)
     tokens = windows.tokens
-    n_windows, n_pos = tokens.shape
     flat = einops.rearrange
-    text = flat(windows.text_of[:, None].expand(n_windows, n_pos), "w p -> (w p)")
+    text = flat(windows.text_of[:, None].expand(*tokens.shape), "w p -> (w p)")
     text_index = text.unique(return_inverse=True)[1]  # texts numbered 0..len(texts)-1
     picks = torch.randint(len(texts), (n_boot, len(texts)), generator=torch.Generator().manual_seed(seed))
-    starts = flat(word_starts(model, tokens.cpu()), "w p -> (w p)")
-    current = flat(tokens.cpu(), "w p -> (w p)")
-    previous = torch.full_like(tokens.cpu(), -1)
-    previous[:, 1:] = tokens[:, :-1].cpu()
-    previous = flat(previous, "w p -> (w p)")
-    split_masks = {"all": torch.ones_like(starts), "word start": starts, "continuation": ~starts}
+    current, previous, split_masks = _labels(model, tokens)
     conditions = [None, *removed]
     shape = (len(conditions), len(TARGETS), len(SPLITS), model.n_layers + 1, len(MEASURES))
     value, low, high = (torch.full(shape, float("nan"), dtype=torch.float64) for _ in range(3))
@@ -148,15 +177,7 @@ def token_identity(
             log_ranks, cosines = _read_out(model, features, torch.stack([current, previous]))
             for t, labels in enumerate((current, previous)):
                 has = labels >= 0
-                hits = {name: torch.zeros(len(labels), dtype=torch.float64) for name in MEASURES[:3]}
-                scorable = torch.zeros(len(labels), dtype=torch.bool)
-                for held in texts:  # leave one text out
-                    train, test = has & (text != held), has & (text == held)
-                    probe = fit_probe(features[train].cpu(), labels[train], alpha)
-                    top1, top5, majority, ok = probe.hits(features[test].cpu(), labels[test])
-                    for name, hit in zip(MEASURES[:3], (top1, top5, majority)):
-                        hits[name][test] = hit.double()
-                    scorable[test] = ok
+                hits, scorable = _held_out_hits(features, labels, text, texts, alpha)
                 per_measure = {**hits, "log10_rank": log_ranks[t], "cosine": cosines[t]}
                 for s, split in enumerate(SPLITS):
                     for m, measure in enumerate(MEASURES):

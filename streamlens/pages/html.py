@@ -70,19 +70,6 @@ class Report:
         return write_atomic(path, self.to_html())
 
 
-def check_out_path(out: str | os.PathLike[str]) -> Path:
-    """Validate the report's output path before any work: an .html file in a writable folder."""
-    from streamlens.files import check_out_dir
-
-    path = Path(out)
-    if path.is_dir():
-        raise ValueError(f"--out {path} is a folder: give a file path ending in .html")
-    if path.suffix.lower() not in (".html", ".htm"):
-        raise ValueError(f"--out {path}: the report is one HTML file, give a path ending in .html")
-    check_out_dir(path.parent)  # creates nothing: bad input later must leave no folder behind
-    return path
-
-
 def fidelity_fact(info) -> str:
     """The header line saying whether the bridge computed the model's own logits (see model.fidelity)."""
     return info.fidelity or f"bridge logits = HF logits to {info.bridge_vs_hf:.1e} of the logit scale"

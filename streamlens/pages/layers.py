@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from streamlens.layers import removable
+from streamlens.importance import removable
 from streamlens.pages.html import Report, Section
 from streamlens.plots import layers as plots
 from streamlens.results.layers import LayerStudy

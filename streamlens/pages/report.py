@@ -62,7 +62,7 @@ def standard_report(
     batch = D.load_batch(model, data, window=32, max_windows=8)
     say(f"decomposing {prompt!r}")
     prompt_sections, explained = _prompt_sections(model, tokens, target)
-    carry_sections = _carry_sections(model, tokens, target, lens, say)
+    identity_sections = _identity_sections(model, tokens, target, lens, say)
     ablation_sections, batch_description = _ablation_sections(model, batch, say)
     ablation_sections.append(_layer_scores_section(model, batch))
     provenance = Provenance.of(model, command_line())
@@ -80,7 +80,7 @@ def standard_report(
                  f"torch {provenance.versions.get('torch')}, in {time.perf_counter() - started:.0f} s"),
     )
     return Report(title=f"streamlens report: {info.name}", facts=facts,
-                  sections=(*prompt_sections, *carry_sections, *ablation_sections))
+                  sections=(*prompt_sections, *identity_sections, *ablation_sections))
 
 
 def _prompt_sections(model: "Model", tokens: "torch.Tensor", target: str | None) -> tuple[list[Section], str]:
@@ -138,29 +138,29 @@ def _prompt_sections(model: "Model", tokens: "torch.Tensor", target: str | None)
     return sections, explained
 
 
-def _carry_sections(model: "Model", tokens: "torch.Tensor", target: str | None, lens: "TunedLens | None",
+def _identity_sections(model: "Model", tokens: "torch.Tensor", target: str | None, lens: "TunedLens | None",
                     say: Callable[[str], None]) -> list[Section]:
     """What the stream carries: attention sources of the prompt's answer, token identity on short built-in
     windows (one per text, no counterfactual), and with a trained lens, logit vs tuned lens on the prompt."""
-    from streamlens.corpus import text_windows
+    from streamlens.data import text_windows
     from streamlens.identity import token_identity
-    from streamlens.pages import carry
+    from streamlens.pages import identity as identity_page
     from streamlens.sources import attention_sources
 
     say("splitting attention by source position; token identity on short built-in windows")
-    sections = carry.sources_sections(attention_sources(model, tokens, target))
+    sections = identity_page.sources_sections(attention_sources(model, tokens, target))
     identity = token_identity(model, text_windows(model, None, window=32, max_per_text=1), n_boot=200)
-    sections.append(carry.identity_sections(identity)[0])
+    sections.append(identity_page.identity_sections(identity)[0])
     if lens is not None:
         from streamlens.tunedlens import compare_lenses
 
-        sections += carry.lens_sections(compare_lenses(model, tokens, lens, text="the prompt"))
+        sections += identity_page.lens_sections(compare_lenses(model, tokens, lens, text="the prompt"))
     return sections
 
 
 def _layer_scores_section(model: "Model", batch: "TokenBatch") -> Section:
     """Which layers matter, cheaply: BI and angular distance per block (`streamlens layers` measures the rest)."""
-    from streamlens.layers import stream_scores
+    from streamlens.importance import stream_scores
     from streamlens.plots.layers import stream_score_profile
 
     return Section("Which blocks change the stream: Block Influence and angular distance", (

@@ -14,15 +14,17 @@ from streamlens.metrics import UNITS
 from streamlens.plots.style import color, finish
 from streamlens.results import AblationResult, CumulativeAblation
 
-_TITLES = {"loss_increase": "Loss increase", "kl": "KL(clean || ablated)", "top1_agreement": "Top-1 agreement",
-           "target_logit_change": "Target logit change", "target_prob_change": "Target probability change"}
+METRIC_TITLES = {"loss_increase": "Loss increase", "kl": "KL(clean || ablated)", "top1_agreement": "Top-1 agreement",
+                 "target_logit_change": "Target logit change", "target_prob_change": "Target probability change"}
 
 
-def _axis(metric: str) -> str:
-    return f"{_TITLES.get(metric, metric)} ({UNITS.get(metric, '')})"
+def metric_axis(metric: str) -> str:
+    """The axis title of a metric, with its unit ("Loss increase (nats)")."""
+    return f"{METRIC_TITLES.get(metric, metric)} ({UNITS.get(metric, '')})"
 
 
-def _column(result: AblationResult | CumulativeAblation, metric: str) -> int:
+def metric_column(result: AblationResult | CumulativeAblation, metric: str) -> int:
+    """The column of `metric` in the result's values (fails naming the metrics it has)."""
     if metric not in result.metrics:
         raise ValueError(f"metric {metric!r} not in this result: choose from {', '.join(result.metrics)}")
     return result.metrics.index(metric)
@@ -36,7 +38,7 @@ def _error_bars(result, column: int) -> dict:
 
 def damage(result: AblationResult, metric: str = "loss_increase") -> go.Figure:
     """Damage of each unit with its 95% CI (bootstrap over texts), in the result's unit order."""
-    column = _column(result, metric)
+    column = metric_column(result, metric)
     values = result.values[:, column]
     hover = [f"{unit}: {float(v):.4g} [{float(lo):.4g}, {float(hi):.4g}]<br>{m}, {e} effect"
              for unit, v, lo, hi, m, e in zip(result.units, values, result.ci_low[:, column],
@@ -50,19 +52,19 @@ def damage(result: AblationResult, metric: str = "loss_increase") -> go.Figure:
     fig.add_hline(y=1.0 if metric == "top1_agreement" else 0.0, line={"color": "#888888", "width": 1, "dash": "dot"})
     methods = ", ".join(sorted(set(result.methods)))
     effects = ", ".join(sorted(set(result.effects)))
-    title = (f"{_TITLES.get(metric, metric)} when each unit is removed ({methods} ablation, {effects} effect; "
+    title = (f"{METRIC_TITLES.get(metric, metric)} when each unit is removed ({methods} ablation, {effects} effect; "
              f"95% CI over {result.n_texts} texts)")
     if getattr(result, "estimate", ""):  # a first-order estimate (ablation.attribute), not a measurement
         title = f"Estimated ({result.estimate}): {title}"
         fig.update_traces(name=f"{metric} (estimate, {result.estimate})")
-    fig = finish(fig, title, "unit removed", _axis(metric))
+    fig = finish(fig, title, "unit removed", metric_axis(metric))
     fig.update_xaxes(type="category", tickangle=-60 if len(values) > 12 else 0)
     return fig
 
 
 def cumulative_curve(result: CumulativeAblation, metric: str = "loss_increase") -> go.Figure:
     """Damage after removing the first k units (k = 1..n), with a 95% CI band."""
-    column = _column(result, metric)
+    column = metric_column(result, metric)
     steps = list(range(1, len(result.units) + 1))
     low, high = result.ci_low[:, column].tolist(), result.ci_high[:, column].tolist()
     fig = go.Figure([
@@ -74,8 +76,8 @@ def cumulative_curve(result: CumulativeAblation, metric: str = "loss_increase") 
                    hoverinfo="text+y"),
     ])
     how = "least damaging next (greedy)" if result.mode == "greedy" else "in the given order"
-    title = f"{_TITLES.get(metric, metric)} as units are removed {how} ({result.method} ablation, {result.effect} effect)"
-    fig = finish(fig, title, "number of units removed", _axis(metric))
+    title = f"{METRIC_TITLES.get(metric, metric)} as units are removed {how} ({result.method} ablation, {result.effect} effect)"
+    fig = finish(fig, title, "number of units removed", metric_axis(metric))
     fig.update_xaxes(tickmode="array", tickvals=steps, ticktext=[f"{k}<br>{u}" for k, u in zip(steps, result.units)]
                      if len(steps) <= 16 else None)
     return fig
@@ -91,7 +93,7 @@ def direct_vs_total(direct: AblationResult, total: AblationResult, metric: str =
         raise ValueError("direct and total results must cover the same units in the same order")
     bars = []
     for result, name, pattern in ((direct, "direct", "/"), (total, "total", "")):
-        column = _column(result, metric)
+        column = metric_column(result, metric)
         bars.append(go.Bar(
             x=list(result.units), y=result.values[:, column].tolist(), name=f"{name} effect",
             marker={"color": [color(kind) for kind in result.kinds], "pattern": {"shape": pattern},
@@ -100,7 +102,7 @@ def direct_vs_total(direct: AblationResult, total: AblationResult, metric: str =
         ))
     fig = go.Figure(bars)
     fig.update_layout(barmode="group")
-    title = f"{_TITLES.get(metric, metric)}: direct (hatched) vs total effect of each unit"
-    fig = finish(fig, title, "unit removed", _axis(metric))
+    title = f"{METRIC_TITLES.get(metric, metric)}: direct (hatched) vs total effect of each unit"
+    fig = finish(fig, title, "unit removed", metric_axis(metric))
     fig.update_xaxes(type="category", tickangle=-60 if len(direct.units) > 12 else 0)
     return fig

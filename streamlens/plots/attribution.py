@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from streamlens.plots.ablation import _TITLES, _axis, _column
+from streamlens.plots.ablation import METRIC_TITLES, metric_axis, metric_column
 from streamlens.plots.style import color, finish
 from streamlens.results import AblationResult
 
@@ -32,7 +32,7 @@ def _matched(estimate: AblationResult, exact: AblationResult) -> list[tuple[int,
 def estimate_vs_exact(estimate: AblationResult, exact: AblationResult, metric: str = "loss_increase") -> go.Figure:
     """Exact effect (x) against the estimated effect (y) of every unit both results hold, with 95% CIs."""
     pairs = _matched(estimate, exact)
-    est_col, exact_col = _column(estimate, metric), _column(exact, metric)
+    est_col, exact_col = metric_column(estimate, metric), metric_column(exact, metric)
     rows_est, rows_exact = [p[0] for p in pairs], [p[1] for p in pairs]
     x = exact.values[rows_exact, exact_col]
     y = estimate.values[rows_est, est_col]
@@ -56,9 +56,9 @@ def estimate_vs_exact(estimate: AblationResult, exact: AblationResult, metric: s
                    hovertext=hover, hoverinfo="text"),
     ])
     method = ", ".join(sorted(set(estimate.methods)))
-    title = (f"{_TITLES.get(metric, metric)}: {_name(estimate)} vs exact, {len(pairs)} units ({method} ablation; "
+    title = (f"{METRIC_TITLES.get(metric, metric)}: {_name(estimate)} vs exact, {len(pairs)} units ({method} ablation; "
              f"95% CIs over {exact.n_texts} texts)")
-    return finish(fig, title, f"exact: {_axis(metric)}", f"{_name(estimate)}: {_axis(metric)}")
+    return finish(fig, title, f"exact: {metric_axis(metric)}", f"{_name(estimate)}: {metric_axis(metric)}")
 
 
 def side_by_side(estimate: AblationResult, exact: AblationResult, metric: str = "loss_increase") -> go.Figure:
@@ -66,7 +66,7 @@ def side_by_side(estimate: AblationResult, exact: AblationResult, metric: str = 
     pairs = _matched(estimate, exact)
     bars = []
     for result, rows, pattern in ((estimate, [p[0] for p in pairs], "/"), (exact, [p[1] for p in pairs], "")):
-        column = _column(result, metric)
+        column = metric_column(result, metric)
         picked = result.values[rows, column]
         bars.append(go.Bar(
             x=[result.units[row] for row in rows], y=picked.tolist(), name=_name(result),
@@ -78,7 +78,7 @@ def side_by_side(estimate: AblationResult, exact: AblationResult, metric: str = 
         ))
     fig = go.Figure(bars)
     fig.update_layout(barmode="group")
-    title = f"{_TITLES.get(metric, metric)}: {_name(estimate)} (hatched) and exact, side by side"
-    fig = finish(fig, title, "unit removed", _axis(metric))
+    title = f"{METRIC_TITLES.get(metric, metric)}: {_name(estimate)} (hatched) and exact, side by side"
+    fig = finish(fig, title, "unit removed", metric_axis(metric))
     fig.update_xaxes(type="category", tickangle=-60 if len(pairs) > 12 else 0)
     return fig

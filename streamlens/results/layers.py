@@ -1,4 +1,4 @@
-"""Results of the layer study (`streamlens.layers`): cheap stream scores, self-repair, and the study.
+"""Results of the layer study (`streamlens.importance`): cheap stream scores, self-repair, and the study.
 
 `StreamScores` and `SelfRepair` are single results (save/load); `LayerStudy` bundles them with the
 ablation results of the study (each an `AblationResult` / `CumulativeAblation`), the Spearman

@@ -13,10 +13,10 @@ Results live in `streamlens.results.layers`, figures in `streamlens.plots.layers
 `streamlens.pages.layers`.
 """
 
-from streamlens.layers.repair import self_repair
-from streamlens.layers.scores import spearman, spearman_ci, stream_scores
-from streamlens.layers.study import StudyConfig, layer_study, predicted_spans, span_ablation, stage_sizes
-from streamlens.layers.verdict import PAPERS, removable, verdicts
+from streamlens.importance.repair import self_repair
+from streamlens.importance.scores import spearman, spearman_ci, stream_scores
+from streamlens.importance.study import StudyConfig, layer_study, predicted_spans, span_ablation, stage_sizes
+from streamlens.importance.verdict import PAPERS, removable, verdicts
 from streamlens.results.layers import LayerStudy, SelfRepair, StreamScores, Verdict, depth
 
 __all__ = ["PAPERS", "LayerStudy", "SelfRepair", "StreamScores", "StudyConfig", "Verdict", "depth", "layer_study",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from streamlens.pages.html import Report, Section
-from streamlens.plots import carry as plots
+from streamlens.plots import identity as plots
 from streamlens.results.identity import TokenIdentity
 from streamlens.results.sources import AttentionSources
 from streamlens.results.tunedlens import LensComparison, TunedLens

@@ -20,9 +20,9 @@ from streamlens.model import Model
 from streamlens.results import AblationResult, CumulativeAblation, command_line
 from streamlens.results.layers import LayerStudy, StreamScores
 from streamlens.sites import Site
-from streamlens.layers.repair import self_repair
-from streamlens.layers.scores import spearman_ci, stream_scores
-from streamlens.layers.verdict import verdicts
+from streamlens.importance.repair import self_repair
+from streamlens.importance.scores import spearman_ci, stream_scores
+from streamlens.importance.verdict import verdicts
 
 METRICS = ("loss_increase", "top1_agreement")
 Stage = Callable[[str, int], None]  # (what starts, how many evaluations it runs)
