@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("corpus", "sources", "identity", "tunedlens"),  # what the stream carries: windows by text, attention
                                                    # sources, token identity, the tuned lens
     ("layers",),                                   # scores, repair, verdict, study
+    ("prune",),                                    # choose, compare, prove, pipeline (streamlens prune)
     ("plots",),                                    # figures from results only
     ("pages",),                                    # HTML pages composed from figures
     ("cli", "__main__"),                           # parse -> call -> page -> write
@@ -37,12 +38,13 @@ INNER: dict[str, tuple[str, ...]] = {
                  "__init__"),
     "highway": ("real", "toy", "__init__"),
     "layers": ("scores", "repair", "verdict", "study", "__init__"),
-    "model": ("fidelity", "handle", "cache", "folders", "loading", "__init__"),
+    "model": ("fidelity", "handle", "cache", "folders", "loading", "gguf", "export", "__init__"),
     "results": ("base", "stream", "ablation", "highway", "check", "sources", "identity", "tunedlens", "layers",
-                "__init__"),
+                "prune", "__init__"),
     "identity": ("probe", "measure", "__init__"),
     "tunedlens": ("train", "evaluate", "__init__"),
-    "pages": ("html", "ablation", "attribution", "highway", "carry", "layers", "report", "__init__"),
+    "pages": ("html", "ablation", "attribution", "highway", "carry", "layers", "prune", "report", "__init__"),
+    "prune": ("choose", "compare", "prove", "pipeline", "__init__"),
 }
 
 

@@ -151,6 +151,10 @@ def save_folder(hf_model: torch.nn.Module, tokenizer: Any, folder: str | os.Path
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Writing model shards" bars are noise in a CLI
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         hf_model.save_pretrained(tmp, safe_serialization=True)

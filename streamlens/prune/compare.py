@@ -15,6 +15,7 @@ from streamlens import ablation as A
 from streamlens.ablation.spec import Progress
 from streamlens.data import TokenBatch
 from streamlens.layers.verdict import PAPERS
+from streamlens.metrics import bootstrap_ci
 from streamlens.model import Model
 from streamlens.prune.choose import unit_sites
 from streamlens.results import Provenance, command_line
@@ -50,9 +51,16 @@ def compare(model: Model, batch: TokenBatch, choice: PruneChoice, options: A.Eva
     increase = result.per_text[:, 0]  # [spec, text]
     loss = torch.stack([torch.stack([result.clean_loss + increase[index[(name, k)]]
                                      for k in range(1, choice.k_max + 1)]) for name in choice.strategies])
+    boot = dict(n_boot=options.n_boot, seed=options.seed)
+    interval = torch.stack(bootstrap_ci(loss, **boot), dim=-1)  # [strategy, k, 3]
+    clean_interval = torch.stack(bootstrap_ci(result.clean_loss, **boot), dim=-1)
+    if "greedy" in choice.strategies:  # paired: the difference per text, resampled over texts
+        gap = torch.stack(bootstrap_ci(loss[choice.strategies.index("greedy")][None] - loss, **boot), dim=-1)
+    else:
+        gap = torch.full_like(interval, torch.nan)
     return StrategyComparison(Provenance.of(model, command or command_line(), options.seed), choice.strategies,
-                              choice.sets, loss, result.clean_loss.clone(), choice.data, batch.description,
-                              options.n_boot, options.seed)
+                              choice.sets, loss, result.clean_loss.clone(), interval, clean_interval, gap, choice.data,
+                              batch.description, options.n_boot, options.seed)
 
 
 def _decide(low: float, high: float) -> str:
@@ -74,7 +82,7 @@ def verdicts(comparison: StrategyComparison, k: int | None = None) -> tuple[Verd
                          ("last", GROMOV_HEALING)):
         if "greedy" not in strategies or other not in strategies:
             continue
-        value, low, high = comparison.paired("greedy", other, k)
+        value, low, high = comparison.paired(other, k)
         claim = f"Measured greedy removal beats {LABELS[other]} on held-out text"
         rows.append(Verdict(
             claim, f"held-out loss with {k} blocks removed: measured greedy minus {LABELS[other]} (paired over "
@@ -82,7 +90,8 @@ def verdicts(comparison: StrategyComparison, k: int | None = None) -> tuple[Verd
             f"{value:+.3f} nats [{low:+.3f}, {high:+.3f}]", value, low, high, paper, _decide(low, high)))
     for sub in ("attention", "mlp"):
         if sub in strategies and "greedy" in strategies:
-            value, low, high = comparison.paired(sub, "greedy", k)
+            gap, gap_low, gap_high = comparison.paired(sub, k)  # greedy - sub: negate for sub - greedy
+            value, low, high = -gap, -gap_high, -gap_low
             rows.append(Verdict(
                 f"Removing {k} {'attention' if sub == 'attention' else 'MLP'} sublayers costs less than {k} blocks",
                 f"held-out loss: {LABELS[sub]} minus measured greedy blocks, {k} units each (paired over texts)",

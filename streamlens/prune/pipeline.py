@@ -16,9 +16,9 @@ from streamlens.ablation.spec import Progress
 from streamlens.data import TokenBatch, check_disjoint
 from streamlens.model import Model
 from streamlens.model.export import ExportRefused
-from streamlens.prune import choose as C
-from streamlens.prune import compare as CO
-from streamlens.prune import prove as P
+from streamlens.prune.choose import check_k, choose
+from streamlens.prune.compare import compare, comparison_specs, verdicts
+from streamlens.prune.prove import export, prove
 from streamlens.results import command_line
 from streamlens.results.layers import Verdict
 from streamlens.results.prune import KINDS, STRATEGIES, ExportCheck, PruneChoice, StrategyComparison
@@ -65,7 +65,7 @@ class PruneConfig:
         for name in ("k", "k_max"):
             value = getattr(self, name)
             if value is not None:
-                C.check_k(value, n_layers)
+                check_k(value, n_layers)
         if self.proof_windows < 1:
             raise ValueError(f"proof windows {self.proof_windows} must be at least 1")
         return self
@@ -109,7 +109,7 @@ def run(model: Model, choice_batch: TokenBatch, eval_batch: TokenBatch, config: 
     started = time.perf_counter()
     if stage:
         stage("choose (greedy on the choice data)", sum(n - step for step in range(k_max)))
-    choice = C.choose(model, choice_batch, k_max, config.options, budget=config.budget, progress=progress,
+    choice = choose(model, choice_batch, k_max, config.options, budget=config.budget, progress=progress,
                       command=command)
     seconds["choose"] = time.perf_counter() - started
     if k is None:
@@ -118,9 +118,9 @@ def run(model: Model, choice_batch: TokenBatch, eval_batch: TokenBatch, config: 
             raise ValueError(f"no block fits the budget of {config.budget} nats: removing the cheapest block costs "
                              f"{float(choice.greedy_damage[0]):.3f} nats on the choice data")
     if stage:
-        stage("compare (held-out text)", len(CO.comparison_specs(choice)[0]))
+        stage("compare (held-out text)", len(comparison_specs(choice)[0]))
     started = time.perf_counter()
-    comparison = CO.compare(model, eval_batch, choice, config.options, progress=progress, command=command)
+    comparison = compare(model, eval_batch, choice, config.options, progress=progress, command=command)
     seconds["compare"] = time.perf_counter() - started
     removed = choice.removed(config.strategy, k)
     check = None
@@ -128,11 +128,11 @@ def run(model: Model, choice_batch: TokenBatch, eval_batch: TokenBatch, config: 
         if stage:
             stage("export and prove", 1)
         started = time.perf_counter()
-        folder = P.export(model, removed, config.export_dir, gguf=config.gguf, command=command)
+        folder = export(model, removed, config.export_dir, gguf=config.gguf, command=command)
         seconds["export"] = time.perf_counter() - started
         started = time.perf_counter()
-        check = P.prove(model, folder, removed, eval_batch.tokens[: config.proof_windows], eval_batch.description,
+        check = prove(model, folder, removed, eval_batch.tokens[: config.proof_windows], eval_batch.description,
                         command)
         seconds["prove"] = time.perf_counter() - started
     # (issue 20 parts 5-6 go here: evaluate the exported model against the full one, heal it)
-    return PruneRun(choice, comparison, CO.verdicts(comparison, k), config.strategy, k, removed, check, seconds)
+    return PruneRun(choice, comparison, verdicts(comparison, k), config.strategy, k, removed, check, seconds)

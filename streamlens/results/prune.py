@@ -3,7 +3,7 @@
 - `PruneChoice`: for each strategy and each k = 1 .. k_max, the layers it removes (chosen on the
   choice data), and the measured greedy removal's damage on that data after each step;
 - `StrategyComparison`: held-out loss per text of every strategy's removal for each k, with the
-  clean loss; means, 95% CIs and paired differences are computed from the per-text values;
+  clean loss, with their means, 95% CIs and paired differences to greedy (computed by `prune.compare`);
 - `ExportCheck`: the exported folder (and GGUF file) loaded fresh against the engine's simulated
   removal, max logit difference relative to the logit scale.
 """
@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float
 
-from streamlens.metrics import bootstrap_ci
 from streamlens.results.base import Provenance, Result, frame
 
 if TYPE_CHECKING:
@@ -90,12 +89,16 @@ class PruneChoice(Result):
 
 @dataclass(frozen=True)
 class StrategyComparison(Result):
-    """Held-out loss of each strategy's removal, per text.
+    """Held-out loss of each strategy's removal, per text, and its summaries.
 
     Attributes:
         loss [strategy, k, text]: mean next-token loss (nats) of each evaluation text with the
             strategy's k units removed (method zero, total effect), k = 1 .. k_max.
         clean_loss [text]: the same texts, nothing removed.
+        interval [strategy, k, 3]: mean over texts of `loss`, 95% bootstrap CI low, high.
+        clean_interval [3]: the same for `clean_loss`.
+        gap_to_greedy [strategy, k, 3]: mean over texts of loss(greedy) - loss(strategy) and its
+            paired 95% CI (the same texts resampled for both); zeros for greedy itself, NaN without greedy.
     Identity: loss - clean_loss is the engine's `loss_increase` for the same removal and texts.
     """
 
@@ -104,6 +107,9 @@ class StrategyComparison(Result):
     sets: tuple[tuple[tuple[int, ...], ...], ...]
     loss: Float[torch.Tensor, "strategy k text"]
     clean_loss: Float[torch.Tensor, "text"]
+    interval: Float[torch.Tensor, "strategy k 3"]
+    clean_interval: Float[torch.Tensor, "3"]
+    gap_to_greedy: Float[torch.Tensor, "strategy k 3"]
     choice_data: str
     eval_data: str
     n_boot: int = 1000
@@ -118,32 +124,31 @@ class StrategyComparison(Result):
 
     def summary(self, strategy: str, k: int) -> tuple[float, float, float]:
         """(mean held-out loss, 95% CI low, high) over texts."""
-        values = self.loss[self.strategies.index(strategy), k - 1]
-        return tuple(float(v) for v in bootstrap_ci(values, self.n_boot, self.seed))  # type: ignore[return-value]
+        return tuple(float(v) for v in self.interval[self.strategies.index(strategy), k - 1])  # type: ignore[return-value]
 
-    def paired(self, first: str, second: str, k: int) -> tuple[float, float, float]:
-        """Mean over texts of loss(first) - loss(second) at k, with a 95% paired bootstrap CI (texts
-        resampled together): below zero means `first` keeps the held-out loss lower."""
-        a = self.loss[self.strategies.index(first), k - 1]
-        b = self.loss[self.strategies.index(second), k - 1]
-        return tuple(float(v) for v in bootstrap_ci(a - b, self.n_boot, self.seed))  # type: ignore[return-value]
+    def paired(self, strategy: str, k: int) -> tuple[float, float, float]:
+        """loss(greedy) - loss(strategy) at k, mean over texts with its paired 95% CI: below zero means
+        measured greedy removal keeps the held-out loss lower."""
+        return tuple(float(v) for v in self.gap_to_greedy[self.strategies.index(strategy), k - 1])  # type: ignore[return-value]
 
     def best(self, k: int, kinds: tuple[str, ...] = ("block",)) -> str:
         """The strategy (of the given unit kinds) with the lowest mean held-out loss at k."""
         chosen = [s for s in self.strategies if KINDS[s] in kinds]
-        return min(chosen, key=lambda s: float(self.loss[self.strategies.index(s), k - 1].mean()))
+        return min(chosen, key=lambda s: float(self.interval[self.strategies.index(s), k - 1, 0]))
 
     def to_dataframe(self) -> "pd.DataFrame":
-        """One row per (strategy, k) plus k = 0 (clean): loss, CI, increase over clean, layers removed."""
-        clean, low, high = (float(v) for v in bootstrap_ci(self.clean_loss, self.n_boot, self.seed))
+        """One row per (strategy, k) plus k = 0 (clean): loss, CI, increase over clean, paired gap to greedy."""
+        clean, low, high = (float(v) for v in self.clean_interval)
         rows = [{"strategy": "none", "kind": "", "k": 0, "layers": "", "loss": clean, "ci_low": low, "ci_high": high,
                  "loss_increase": 0.0}]
         for s, name in enumerate(self.strategies):
             for k in range(1, self.k_max + 1):
                 value, low, high = self.summary(name, k)
+                gap, gap_low, gap_high = self.paired(name, k)
                 rows.append({"strategy": name, "kind": KINDS[name], "k": k,
                              "layers": ",".join(map(str, self.sets[s][k - 1])), "loss": value, "ci_low": low,
-                             "ci_high": high, "loss_increase": value - clean})
+                             "ci_high": high, "loss_increase": value - clean, "greedy_minus_this": gap,
+                             "greedy_minus_this_ci_low": gap_low, "greedy_minus_this_ci_high": gap_high})
         return frame(rows)
 
 
