@@ -35,6 +35,8 @@ from streamlens.model.handle import DTYPES
 # remapped, and a wrong remap changes the model silently, so these configs are refused
 _INDEX_LISTS = ("mlp_only_layers", "no_rope_layer_indices", "full_attn_idxs", "global_attn_layers")
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+# lists that may happen to have one entry per layer but are not per-layer settings
+_NOT_PER_LAYER = ("architectures", "bad_words_ids", "begin_suppress_tokens", "suppress_tokens")
 
 
 class ExportRefused(ValueError):
@@ -82,7 +84,8 @@ def pruned_config(config: Any, blocks: Sequence[int]) -> Any:
     keep = [layer for layer in range(n_layers) if layer not in chosen]
     new = copy.deepcopy(config)
     for key, value in config.to_dict().items():
-        if isinstance(value, (list, tuple)) and len(value) == n_layers and key not in ("architectures",):
+        if isinstance(value, (list, tuple)) and len(value) == n_layers and key not in _NOT_PER_LAYER \
+                and not key.endswith("token_id"):
             setattr(new, key, [value[layer] for layer in keep])
     for key in _LAYER_COUNT_KEYS:
         if isinstance(getattr(config, key, None), int) and key in config.to_dict():
