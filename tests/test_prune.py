@@ -56,6 +56,11 @@ def test_per_layer_lists_are_pruned_in_step_and_the_source_is_untouched():
     assert all(torch.equal(before[name], tensor) for name, tensor in hf.state_dict().items())
 
 
+def test_lists_that_are_not_per_layer_stay_whole():
+    hf = tiny_hf_model("llama", n_layers=2, eos_token_id=[1, 2])  # two ids, two layers: not a per-layer list
+    assert E.drop_blocks(hf, (0,)).config.eos_token_id == [1, 2]
+
+
 @pytest.mark.parametrize(("blocks", "message"), [
     ((0, 1, 2, 3), "cannot remove 4 of 4 blocks"),
     ((4,), "block 4 out of range"),
