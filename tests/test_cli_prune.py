@@ -59,6 +59,7 @@ def test_prune_writes_the_table_the_page_and_a_proved_model(setup, tmp_path):
     (("--eval-data", "SAME"), "also occur in the choice data"),
     (("--data", "/no/such/file.txt"), "does not exist"),
     (("--gguf", "--no-export"), "drop --no-export"),
+    (("--gguf",), "not a fast byte-level BPE tokenizer"),  # the tiny word-level tokenizer has no GGUF form
 ])
 def test_bad_input_exits_2_and_writes_nothing(setup, tmp_path, args, message):
     root, _ = setup

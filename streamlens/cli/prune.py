@@ -84,6 +84,10 @@ def prune(
                          seed, batch_size, n_boot, threads)
         if folder is not None:
             check_exportable(loaded.info.source)
+        if gguf:
+            from streamlens.model.gguf import check_gguf_export
+
+            check_gguf_export(loaded.info.source)
         choice = D.corpus_batch(loaded, data, window, choice_windows)
         evaluation = D.corpus_batch(loaded, eval_data, window, eval_windows)
         D.check_disjoint(choice, evaluation)

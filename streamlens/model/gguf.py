@@ -66,6 +66,18 @@ def bpe_vocabulary(tokenizer: Any) -> GGUFVocabulary:
     return GGUFVocabulary(tuple(tokens), tuple(types), tuple(merges), tokenizer.bos_token_id, tokenizer.eos_token_id)
 
 
+def check_gguf_export(source: str | os.PathLike[str]) -> None:
+    """Refuse, before any work, a model whose family transformers cannot read from GGUF or whose tokenizer
+    is not a byte-level BPE (ValueError naming why)."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
+
+    family = AutoConfig.from_pretrained(source, trust_remote_code=False).model_type
+    if _ARCH.get(family, family) not in GGUF_TO_TRANSFORMERS_MAPPING["config"]:
+        raise ValueError(f"transformers reads no GGUF files of family {family!r}: drop --gguf")
+    bpe_vocabulary(AutoTokenizer.from_pretrained(source, trust_remote_code=False))
+
+
 def _permute(weights: Any, n_head: int, n_head_kv: int | None = None) -> Any:
     """llama.cpp's rotary permutation of q/k rows (transformers' `_reverse_permute_weights` undoes it)."""
     if n_head_kv is not None and n_head != n_head_kv:
