@@ -177,6 +177,9 @@ def test_held_out_loss_is_the_exported_models_own_loss(qwen, tmp_path):
     assert low <= value <= high and abs(value - float(own.mean())) <= 1e-10
     assert result.comparison.paired("greedy", 2) == (0.0, 0.0, 0.0)
     assert result.export.passed and result.export.hf <= 1e-10
+    for saved in (result.choice, result.comparison, result.export):  # frozen results round-trip through files
+        loaded = type(saved).load(saved.save(tmp_path / f"{type(saved).__name__}.safetensors"))
+        assert loaded.to_dataframe().equals(saved.to_dataframe()) and loaded.provenance == saved.provenance
     full = choose(qwen, choice_batch, 5, A.EvalOptions(n_boot=10), strategies=("greedy",)).greedy_damage
     for budget in (0.0, float(full[0]) + 1e-9 if full[0] > 0 else 0.0, float(full.max()) + 1):
         fits = int((full > budget).nonzero()[0]) if (full > budget).any() else len(full)
