@@ -142,8 +142,6 @@ def _write_config(writer: Any, arch: str, config_keys: dict[str, str], config: d
         theta = (config.get("rope_parameters") or {}).get("rope_theta")
         if theta is not None:
             writer.add_float32(f"{arch}.rope.freq_base", float(theta))
-    if arch == "llama" and config.get("head_dim") is not None:
-        writer.add_uint32(f"{arch}.rope.dimension_count", int(config["head_dim"]))
 
 
 def _write_vocabulary(writer: Any, vocabulary: GGUFVocabulary) -> None:
