@@ -96,7 +96,10 @@ def test_save_refuses_a_used_folder_and_an_interrupt_leaves_nothing(tmp_path, mo
         E.save_folder(hf, Tokenizer(), tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["used"]  # no folder, no temporary folder
     (tmp_path / "empty").mkdir()
-    assert (E.save_folder(hf, None, tmp_path / "empty") / "config.json").is_file()  # an empty folder is fine
+    saved = E.save_folder(hf, None, tmp_path / "empty")  # an empty folder is fine
+    from streamlens.files import umask
+
+    assert {p.name: p.stat().st_mode & 0o777 for p in saved.iterdir()}["model.safetensors"] == 0o666 & ~umask()
 
 
 def _vocabulary() -> GGUFVocabulary:

@@ -169,6 +169,11 @@ def save_folder(hf_model: torch.nn.Module, tokenizer: Any, folder: str | os.Path
             write_gguf(hf_model, tmp / gguf_name, bpe_vocabulary(tokenizer), name=target.name)
         if facts is not None:
             (tmp / "streamlens-export.json").write_text(json.dumps(facts, indent=1, default=str) + "\n")
+        from streamlens.files import umask
+
+        for path in tmp.iterdir():  # save_pretrained writes some files private; outputs follow the umask
+            os.chmod(path, 0o666 & ~umask())
+        os.chmod(tmp, 0o777 & ~umask())
         if target.is_dir():
             target.rmdir()  # empty (checked above): rename needs the name free
         tmp.rename(target)
