@@ -369,3 +369,81 @@ def text_windows(model: "Model", source: str | None = None, window: int = 64,
     tokens = torch.cat(rows)
     return TextWindows(tokens, torch.tensor(text_of), len(texts),
                        f"{name} ({len(texts)} texts, {tokens.shape[0]} windows of {window} tokens)")
+
+
+# ----- held-out corpora (streamlens prune: choose on one set of texts, judge on another) ---------
+STDLIB = "stdlib"
+CORPUS_SUFFIXES = (".txt", ".md", ".rst", ".py")  # the text files a folder source reads
+
+
+def stdlib_texts() -> list[str]:
+    """The Python standard library's own top-level modules (`Lib/*.py`), one text per file, sorted by name.
+
+    A code corpus found on every machine that runs streamlens (PSF licence), several MB: far more
+    than the 50k tokens a held-out evaluation needs. Its text depends on the Python version, which
+    every result's provenance records.
+    """
+    import sysconfig
+
+    folder = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(path for path in folder.glob("*.py") if path.is_file())
+    if not files:
+        raise ValueError(f"no standard-library sources in {folder}: pass --eval-data a .txt, .jsonl or folder")
+    texts = [path.read_text(encoding="utf-8", errors="replace") for path in files]
+    return [text for text in texts if text.strip()]
+
+
+def load_corpus(source: str | None) -> list[str]:
+    """Texts from `load_texts` sources, plus "stdlib" (`stdlib_texts`) and a folder of text files.
+
+    A folder gives one text per file ending in `CORPUS_SUFFIXES` or `.jsonl` (sorted by path, searched
+    recursively); a folder with none of them is an error naming the suffixes.
+    """
+    if source == STDLIB:
+        return stdlib_texts()
+    path = Path(source).expanduser() if source not in (None, BUILTIN) else None
+    if path is not None and path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (*CORPUS_SUFFIXES, ".jsonl"))
+        if not files:
+            raise ValueError(f"data folder {path} holds no text files ({', '.join(CORPUS_SUFFIXES)}, .jsonl)")
+        texts: list[str] = []
+        for file in files:
+            if file.suffix.lower() == ".jsonl":
+                texts += _read_text_file(file)
+            else:
+                text = file.read_text(encoding="utf-8", errors="replace")
+                if text.strip():
+                    texts.append(text)
+        if not texts:
+            raise ValueError(f"data folder {path}: every text file is empty")
+        return texts
+    return load_texts(source)
+
+
+def corpus_batch(model: "Model", source: str | None, window: int = 64, max_windows: int | None = 16) -> TokenBatch:
+    """Text windows of a corpus source (`load_corpus`), every prediction scored."""
+    texts = load_corpus(source)
+    tokens = token_windows(model, texts, window, max_windows)
+    name = BUILTIN if source is None else source
+    return window_batch(tokens, "all", description=f"{name} ({tokens.shape[0]} windows of {window} tokens)")
+
+
+def window_hashes(tokens: torch.Tensor) -> list[str]:
+    """sha256 (hex, 16 characters) of each window's token ids [n, pos] -> [n] (equal windows, equal hashes)."""
+    import hashlib
+
+    rows = tokens.detach().to("cpu", torch.int64).numpy()
+    return [hashlib.sha256(row.tobytes()).hexdigest()[:16] for row in rows]
+
+
+def check_disjoint(choice: TokenBatch, evaluation: TokenBatch) -> None:
+    """Refuse evaluation windows that also occur among the choice windows (hashed token ids).
+
+    Raises:
+        ValueError: naming how many windows are shared.
+    """
+    seen = set(window_hashes(choice.tokens))
+    shared = sum(digest in seen for digest in window_hashes(evaluation.tokens))
+    if shared:
+        raise ValueError(f"{shared} of the {evaluation.n_texts} evaluation windows also occur in the choice data: "
+                         f"choose and judge on different texts (e.g. --data builtin --eval-data stdlib)")

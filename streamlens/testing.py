@@ -124,10 +124,6 @@ def tiny_model_folder(
     return folder
 
 
-# GGUF metadata keys (as llama.cpp writes them) whose values are floats; the rest are integers.
-_GGUF_FLOAT_KEYS = ("rope.freq_base", "attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon")
-
-
 def tiny_gguf_file(
     path: str | Path,
     arch: str = "qwen2",
@@ -138,92 +134,19 @@ def tiny_gguf_file(
     **overrides: Any,
 ) -> Path:
     """Write the tiny random model of family `arch` (the same weights as `tiny_model_folder` with the
-    same arguments and `overrides`) as a float32 GGUF file, as llama.cpp's converter would: llama.cpp tensor names
-    (`token_embd`, `blk.N.attn_q`, ...), `<arch>.*` metadata, a `gpt2`-style BPE vocabulary.
-
-    The inverse of each family's transformers GGUF tensor processing is applied (GPT-2's transposed
-    projections, Gemma's norm weights stored as 1 + w); Llama's rotary q/k permutation is not
-    written (use another family).
+    same arguments and `overrides`) as a float32 GGUF file, as llama.cpp's converter would
+    (`streamlens.model.gguf.write_gguf`), with a `gpt2`-style BPE vocabulary of TINY_VOCAB tokens.
     """
     import gguf
-    from transformers.modeling_gguf_pytorch_utils import (
-        GGUF_TO_TRANSFORMERS_MAPPING,
-        TENSOR_PROCESSORS,
-        TensorProcessor,
-        get_gguf_hf_weights_map,
-    )
 
-    if arch in ("llama", "mistral"):
-        raise ValueError(f"tiny_gguf_file does not write {arch}: its q/k rotary permutation is not implemented")
+    from streamlens.model.gguf import GGUFVocabulary, write_gguf
+
+    if arch == "mistral":
+        raise ValueError("tiny_gguf_file does not write mistral: llama.cpp stores it as llama (use arch llama)")
     model = tiny_hf_model(arch, n_layers, d_model, n_heads, seed, **overrides)
-    gguf_arch = {"gemma3_text": "gemma3"}.get(arch, arch)
-    config_keys = GGUF_TO_TRANSFORMERS_MAPPING["config"].get(gguf_arch)
-    if config_keys is None:
-        raise ValueError(f"transformers reads no GGUF files of family {arch!r}")
-    config = model.config.to_dict()
-    processor = TENSOR_PROCESSORS.get(gguf_arch, TensorProcessor)(config=config)
-    to_hf = get_gguf_hf_weights_map(model, processor)
-    path = Path(path)
-    writer = gguf.GGUFWriter(str(path), gguf_arch)
-    writer.add_name(f"tiny-{arch}")
-    _gguf_config(writer, arch, gguf_arch, config_keys, config, d_model)
-    _gguf_vocabulary(writer)
-    _gguf_tensors(writer, arch, gguf_arch, model.state_dict(), to_hf, bool(config.get("tie_word_embeddings")))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
-def _gguf_config(writer: Any, arch: str, gguf_arch: str, config_keys: dict[str, str | None], config: dict[str, Any],
-                 d_model: int) -> None:
-    """The `<arch>.*` metadata llama.cpp writes: each config number under its GGUF key."""
-    for gguf_key, hf_key in config_keys.items():
-        value = config.get(hf_key) if hf_key else None
-        if value is None and gguf_key == "feed_forward_length":
-            value = config.get("n_inner") or 4 * d_model
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            key = f"{gguf_arch}.{gguf_key}"
-            if gguf_key in _GGUF_FLOAT_KEYS:
-                writer.add_float32(key, float(value))
-            else:
-                writer.add_uint32(key, int(value))
-    if arch in ("qwen2", "qwen3", "phi3") and "rope_theta" not in config:
-        writer.add_float32(f"{gguf_arch}.rope.freq_base", float(config.get("rope_parameters", {}).get("rope_theta", 1e4)))
-
-
-def _gguf_vocabulary(writer: Any) -> None:
-    """A byte-level BPE vocabulary of TINY_VOCAB tokens (letters, digits and one merge, "a b" -> "ab")."""
-    import gguf
-
-    writer.add_tokenizer_model("gpt2")
+    # a byte-level BPE vocabulary of TINY_VOCAB tokens (letters, digits and one merge, "a b" -> "ab")
     characters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
     words = (["<unk>", "<bos>", "<eos>"] + characters + [str(d) for d in range(10)])[: TINY_VOCAB - 1] + ["ab"]
-    writer.add_token_list(words)
-    writer.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * (TINY_VOCAB - 3))
-    writer.add_token_merges(["a b"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-
-
-def _gguf_tensors(writer: Any, arch: str, gguf_arch: str, state: dict[str, torch.Tensor], to_hf: dict[str, str],
-                  tied: bool) -> None:
-    """Every weight under its llama.cpp name, stored as llama.cpp stores it; fails on a weight left unnamed."""
-    import numpy as np
-
-    written = set()
-    for gguf_name, hf_name in to_hf.items():
-        if hf_name not in state or hf_name in written:
-            continue
-        weights = state[hf_name].detach().to(torch.float32).numpy()
-        if gguf_arch == "gpt2" and any(part in gguf_name for part in ("attn_qkv.weight", "ffn_down.weight",
-                                                                      "ffn_up.weight", "attn_output.weight")):
-            weights = weights.T  # GPT-2's Conv1D stores [in, out]; llama.cpp stores [out, in]
-        if gguf_arch in ("gemma2", "gemma3") and "norm.weight" in gguf_name:
-            weights = weights + 1  # llama.cpp stores Gemma's (1 + w)
-        writer.add_tensor(gguf_name, np.ascontiguousarray(weights))
-        written.add(hf_name)
-    missing = sorted(set(state) - written - ({"lm_head.weight"} if tied else set()))
-    if missing:
-        raise ValueError(f"no GGUF name for {missing} of {arch}")
+    types = [int(gguf.TokenType.CONTROL)] * 3 + [int(gguf.TokenType.NORMAL)] * (TINY_VOCAB - 3)
+    vocabulary = GGUFVocabulary(tuple(words), tuple(types), ("a b",), 1, 2)
+    return write_gguf(model, path, vocabulary, name=f"tiny-{arch}")

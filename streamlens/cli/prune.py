@@ -1,0 +1,170 @@
+"""`streamlens prune`: choose blocks to remove, judge every strategy on held-out text, export and prove."""
+
+from __future__ import annotations
+
+import typer
+
+from streamlens.cli.common import MODEL_HELP, app, check_at_least, fail, progress_bar
+
+DATA_HELP = ("builtin, stdlib (the Python standard library's own source), a .txt or .jsonl file, or a folder of "
+             "text files.")
+
+
+@app.command()
+def prune(
+    model: str = typer.Option(None, "--model", help=MODEL_HELP),
+    blocks: int = typer.Option(None, "--blocks", "-k", help="Blocks to remove (default: L // 8)."),
+    budget: float = typer.Option(None, "--budget", help="Instead of -k: remove the most blocks (measured greedy) whose "
+                                 "loss increase on the choice data stays within this many nats."),
+    strategy: str = typer.Option("greedy", "--strategy", help="Whose removal is exported: greedy, block_influence, "
+                                 "angular, last (attention and mlp are measured, never exported)."),
+    compare_up_to: int = typer.Option(None, "--compare-up-to", help="Compare the strategies on held-out text for "
+                                      "k = 1 .. this (default: -k; L // 2 is the papers' range, slower)."),
+    data: str = typer.Option("builtin", "--data", help="Choice data: " + DATA_HELP),
+    eval_data: str = typer.Option("stdlib", "--eval-data", help="Held-out data (windows must differ from --data's): "
+                                  + DATA_HELP),
+    window: int = typer.Option(64, "--window", help="Tokens per window."),
+    choice_windows: int = typer.Option(8, "--choice-windows", help="Windows the strategies choose on."),
+    eval_windows: int = typer.Option(16, "--eval-windows", help="Held-out windows (the texts of every CI)."),
+    export: bool = typer.Option(True, "--export/--no-export", help="Write the pruned model (HF folder) and prove it."),
+    export_dir: str = typer.Option(None, "--export-dir", help="Folder for the pruned model (default: OUT/model); "
+                                   "must not exist or be empty."),
+    gguf: bool = typer.Option(False, "--gguf", help="Also write a float32 GGUF file into the export folder."),
+    proof_windows: int = typer.Option(4, "--proof-windows", help="Held-out windows the export's logits are checked on."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float64 or bfloat16."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the bootstrap."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Most sequences in one forward (texts x variants)."),
+    n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates for the 95% CIs (over texts)."),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads."),
+    out: str = typer.Option("streamlens-out/prune", "--out", help="Folder for prune.csv, prune.json, prune.html "
+                            "(and the exported model)."),
+) -> None:
+    """Remove k blocks (or a loss budget): every strategy side by side, judged on held-out text; export and prove."""
+    import time
+    from pathlib import Path
+
+    started = time.perf_counter()
+    check_at_least(("--blocks", blocks, 1), ("--compare-up-to", compare_up_to, 1), ("--window", window, 2),
+                   ("--choice-windows", choice_windows, 2), ("--eval-windows", eval_windows, 2),
+                   ("--proof-windows", proof_windows, 1), ("--batch-size", batch_size, 1), ("--bootstrap", n_boot, 1),
+                   ("--threads", threads, 1))
+    if budget is not None and blocks is not None:
+        fail("give --blocks or --budget, not both")
+    if budget is not None and not budget >= 0:
+        fail(f"--budget {budget} must be at least 0 nats")
+    from streamlens.results.prune import KINDS, STRATEGIES
+
+    if strategy not in KINDS:
+        fail(f"unknown --strategy {strategy!r}: choose from {', '.join(STRATEGIES)}")
+    if export and KINDS[strategy] != "block":
+        fail(f"--strategy {strategy} removes {KINDS[strategy]} sublayers, which no HF config of the families streamlens "
+             f"checks can express (a block without its {KINDS[strategy]}): it is measured only; pass --no-export")
+    if gguf and not export:
+        fail("--gguf writes into the export folder: drop --no-export")
+    from streamlens import data as D
+    from streamlens.files import check_out_dir
+
+    folder = (export_dir or str(Path(out) / "model")) if export else None
+    try:
+        check_out_dir(out)
+        if folder is not None:
+            from streamlens.model.export import check_export_folder
+
+            check_export_folder(folder)
+        for option, source in (("--data", data), ("--eval-data", eval_data)):
+            if D.is_prompt_source(source):
+                raise ValueError(f"{option} {source!r} is a prompt set: prune judges text windows")
+            D.load_corpus(source)
+        from streamlens.model import load_model
+        from streamlens.model.export import check_exportable
+
+        loaded = load_model(model, dtype=dtype, device=device)
+        config = _config(loaded, blocks, budget, strategy, compare_up_to, folder, gguf, proof_windows,
+                         seed, batch_size, n_boot, threads)
+        if folder is not None:
+            check_exportable(loaded.info.source)
+        if gguf:
+            from streamlens.model.gguf import check_gguf_export
+
+            check_gguf_export(loaded.info.source)
+        choice = D.corpus_batch(loaded, data, window, choice_windows)
+        evaluation = D.corpus_batch(loaded, eval_data, window, eval_windows)
+        D.check_disjoint(choice, evaluation)
+        for option, batch in (("--data", choice), ("--eval-data", evaluation)):
+            if batch.n_texts < 2:
+                raise ValueError(f"{option} gives {batch.n_texts} window of {window} tokens: need at least 2")
+    except (ValueError, OSError) as error:
+        fail(str(error))
+    run = _run(loaded, choice, evaluation, config)
+    _write(run, out, started, locals())
+
+
+def _config(loaded, blocks, budget, strategy, compare_up_to, folder, gguf, proof_windows, seed, batch_size, n_boot,
+            threads):
+    from streamlens.ablation import EvalOptions
+    from streamlens.prune.pipeline import PruneConfig
+
+    options = EvalOptions(seed=seed, batch_size=batch_size, n_boot=n_boot, threads=threads)
+    return PruneConfig(blocks, budget, strategy, compare_up_to, folder, gguf, proof_windows, options).check(
+        loaded.n_layers)
+
+
+def _run(loaded, choice, evaluation, config):
+    from streamlens.model.export import ExportRefused
+    from streamlens.prune.pipeline import run
+    from streamlens.results import command_line
+
+    chunks = max(-(-choice.n_texts // config.options.batch_size), -(-evaluation.n_texts // config.options.batch_size))
+    with progress_bar() as bar:
+        current: dict = {}
+
+        def stage(name, total):
+            if "task" in current:
+                bar.update(current["task"], completed=bar.tasks[-1].total)
+            current["task"] = bar.add_task(f"{loaded.info.name}: {name}", total=total * chunks)
+
+        try:
+            return run(loaded, choice, evaluation, config, stage=stage, command=command_line(),
+                       progress=lambda n: bar.advance(current["task"], n) if "task" in current else None)
+        except (ValueError, ExportRefused, OSError) as error:
+            fail(str(error))
+
+
+def _write(run, out, started, given) -> None:
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from streamlens.files import write_outputs
+    from streamlens.pages.prune import prune_files
+    from streamlens.results.prune import LABELS
+
+    settings = {key: given[key] for key in ("model", "blocks", "budget", "strategy", "compare_up_to", "data",
+                                            "eval_data", "window", "choice_windows", "eval_windows", "gguf",
+                                            "proof_windows", "seed", "batch_size", "threads")}
+    from streamlens.results import command_line
+
+    settings["command"] = command_line()
+    try:
+        folder = write_outputs(out, prune_files(run, settings, time.perf_counter() - started))
+    except (ValueError, OSError) as error:
+        fail(str(error))
+    comparison = run.comparison
+    table = Table(title=f"held-out loss ({comparison.eval_data}; clean {float(comparison.clean_loss.mean()):.3f}), "
+                        f"95% CI")
+    table.add_column("strategy")
+    for k in range(1, comparison.k_max + 1):
+        table.add_column(f"k={k}")
+    for name in comparison.strategies:
+        table.add_row(LABELS[name], *(("{:.3f} [{:.3f}, {:.3f}]".format(*comparison.summary(name, k)))
+                                      for k in range(1, comparison.k_max + 1)))
+    console = Console()
+    console.print(table)
+    console.print(f"removed blocks {list(run.removed)} ({run.strategy}, k={run.k})")
+    if run.export is not None:
+        diffs = ", ".join(f"{name} {value:.1e}" for name, value, _, _ in run.export.rows())
+        console.print(f"exported to {run.export.folder}: max relative logit difference vs the simulated removal: "
+                      f"{diffs} ({'passed' if run.export.passed else 'FAILED'})")
+    typer.echo(f"wrote prune.csv, prune.json, prune.html to {folder} in {time.perf_counter() - started:.1f} s")
