@@ -89,8 +89,12 @@ def ablate(
     check_choice("--cumulative", cumulative, ("none", *A.CUMULATIVE_MODES))
     layer_list, head_list = parse_ints("--layers", layers), parse_ints("--heads", heads)
     metric_list = None if metrics is None else [name.strip() for name in metrics.split(",") if name.strip()]
-    check_at_least(("--batch-size", batch_size, 1), ("--bootstrap", n_boot, MIN_BOOTSTRAP), ("--window", window, 2),
-                   ("--max-windows", max_windows, 1), ("--seed", seed, 0))
+    check_at_least(("--batch-size", batch_size, 1), ("--window", window, 2), ("--max-windows", max_windows, 1),
+                   ("--seed", seed, 0))
+    try:
+        A.check_n_boot(n_boot)  # the one rule, shared with every command through EvalOptions
+    except ValueError as error:
+        fail(str(error))
     check_out(out)
     on_ray = B.check_backend_options(workers, ray_address, device)
     try:

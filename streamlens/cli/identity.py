@@ -29,7 +29,7 @@ def identity(
     try:
         from streamlens.corpus import text_windows
         from streamlens.files import check_out_dir, write_outputs
-        from streamlens.identity import token_identity
+        from streamlens.identity import check_alpha, token_identity
         from streamlens.model import load_model
         from streamlens.pages.carry import identity_files, identity_summary
         from streamlens.results import command_line
@@ -37,9 +37,9 @@ def identity(
         from streamlens.sources import attention_sources
 
         check_out_dir(out)
-        if window < 2 or (max_per_text is not None and max_per_text < 1) or not alpha > 0:
-            raise ValueError(f"--window {window}, --max-per-text {max_per_text}, --alpha {alpha}: need window >= 2, "
-                             "max-per-text >= 1, alpha > 0")
+        check_alpha(alpha)
+        if window < 2 or (max_per_text is not None and max_per_text < 1):
+            raise ValueError(f"--window {window}, --max-per-text {max_per_text}: need window >= 2, max-per-text >= 1")
         from streamlens.data import load_texts
 
         if len(load_texts(data)) < 2:

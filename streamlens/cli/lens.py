@@ -13,17 +13,6 @@ app.add_typer(lens_app, name="lens")
 HOLD_OUT_HELP = "Every n-th built-in text is held out for evaluation (the rest train)."
 
 
-def _windows(loaded, data, window, hold_out_every, part):
-    """(train or held-out windows, description) of the data: the built-in texts are split; other data is used whole."""
-    from streamlens.corpus import text_windows
-
-    windows = text_windows(loaded, data, window)
-    if data is not None and data != "builtin":
-        return windows
-    train, held = windows.split(hold_out_every)
-    return train if part == "train" else held
-
-
 def _report(comparison) -> None:
     kl = comparison.mean_kl()
     for stage, label in enumerate(comparison.layer_labels):
@@ -52,33 +41,35 @@ def train(
         from streamlens.model import load_model
         from streamlens.pages.carry import lens_files
         from streamlens.results import command_line
-        from streamlens.tunedlens import compare_lenses, train_tuned_lens
+        from streamlens.tunedlens import check_lr, compare_lenses, record_texts, train_tuned_lens, training_split
 
         check_out_dir(out)
         for option, value, low in (("--steps", steps, 1), ("--batch-tokens", batch_tokens, 1), ("--seed", seed, 0),
                                    ("--hold-out-every", hold_out_every, 2), ("--window", window, 2)):
             if value < low:
                 raise ValueError(f"{option} {value} out of range: must be at least {low}")
-        if not lr > 0:
-            raise ValueError(f"--lr {lr} out of range: must be a positive number")
+        check_lr(lr)
         loaded = load_model(model)
-        trained_on = _windows(loaded, data, window, hold_out_every, "train")
-        held = _windows(loaded, data, window, hold_out_every, "held") if data in (None, "builtin") else None
+        trained_on, held = training_split(loaded, data, window, hold_out_every)
     except (ValueError, OSError) as error:
         fail(str(error))
 
     command = command_line()
-    with progress_bar(transient=False) as progress:
-        task = progress.add_task(f"{loaded.info.name}: tuned lens steps", total=steps)
-        lens = train_tuned_lens(loaded, trained_on.tokens, steps=steps, lr=lr, batch_tokens=batch_tokens, seed=seed,
-                                text=trained_on.description + " (training texts)", command=command,
-                                on_step=lambda step, loss: progress.update(task, advance=1,
-                                                                           description=f"tuned lens: loss {loss:.2f}"))
+    try:
+        with progress_bar(transient=False) as progress:
+            task = progress.add_task(f"{loaded.info.name}: tuned lens steps", total=steps)
+            lens = train_tuned_lens(loaded, trained_on.windows.tokens, steps=steps, lr=lr, batch_tokens=batch_tokens,
+                                    seed=seed, text=trained_on.windows.description + " (training texts)",
+                                    command=command, on_step=lambda step, loss: progress.update(
+                                        task, advance=1, description=f"tuned lens: loss {loss:.2f}"))
+    except ValueError as error:  # LensDivergedError: a diverged lens is no lens; nothing is written
+        fail(str(error))
+    lens = record_texts(lens, data, window, hold_out_every, trained_on, held)
     evaluated = held if held is not None else trained_on
-    comparison = compare_lenses(loaded, evaluated.tokens, lens, evaluated.text_of,
-                                text=evaluated.description + (" (held-out texts)" if held is not None else
-                                                              " (training texts: no held-out split for --data)"),
-                                command=command)
+    comparison = compare_lenses(loaded, evaluated.windows.tokens, lens, evaluated.windows.text_of,
+                                text=evaluated.windows.description + (" (held-out texts)" if held is not None else
+                                                                      " (training texts: --data has fewer than --hold-out-every texts, none held out)"),
+                                command=command, text_hashes=evaluated.hashes)
     seconds = time.perf_counter() - started
     try:
         folder = write_outputs(out, lens_files(comparison, lens, command, seconds, "lens_train"))
@@ -109,26 +100,30 @@ def evaluate(
         from streamlens.model import load_model
         from streamlens.pages.carry import lens_files
         from streamlens.results import command_line
-        from streamlens.tunedlens import TunedLens, check_lens, compare_lenses
+        from streamlens.tunedlens import TunedLens, check_lens, compare_lenses, evaluation_texts
 
         check_out_dir(out)
         if not Path(lens_path).is_file():
             raise ValueError(f"--lens {lens_path} is not a file: give a lens.safetensors from `streamlens lens train`")
         try:
             lens = TunedLens.load(lens_path)
-        except Exception as error:  # safetensors raises its own errors for a file that is not one of ours
-            raise ValueError(f"--lens {lens_path} is not a tuned lens ({error})") from None
+        except Exception as error:  # damaged (says so, naming the file), or safetensors' own errors for a non-lens
+            said = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"--lens {said}" if str(lens_path) in said else
+                             f"--lens {lens_path} is not a tuned lens ({said})") from None
         loaded = load_model(model)
         check_lens(loaded, lens)
-        windows = _windows(loaded, data, window, hold_out_every, "held")
+        chosen = evaluation_texts(loaded, lens, data, window, hold_out_every)
     except (ValueError, OSError) as error:
         fail(str(error))
 
     command = command_line()
+    which = "the lens's own held-out texts" if data is None else "texts the lens was not trained on"
     with progress_bar() as progress:
         progress.add_task(f"{loaded.info.name}: reading both lenses", total=None)
-        comparison = compare_lenses(loaded, windows.tokens, lens, windows.text_of, text=windows.description,
-                                    command=command)
+        comparison = compare_lenses(loaded, chosen.windows.tokens, lens, chosen.windows.text_of,
+                                    text=f"{chosen.windows.description} ({which})", command=command,
+                                    text_hashes=chosen.hashes)
     seconds = time.perf_counter() - started
     try:
         folder = write_outputs(out, lens_files(comparison, None, command, seconds, "lens_eval"))

@@ -99,6 +99,17 @@ def _interval(values: torch.Tensor, mask: torch.Tensor, text: torch.Tensor, n_te
     return float(sums.sum() / counts.sum()), float(boots.quantile(0.025)), float(boots.quantile(0.975))
 
 
+MAX_ALPHA = 1e3  # per training token on standardised features: beyond this the probe is shrunk to the majority
+
+
+def check_alpha(alpha: float) -> float:
+    """The ridge penalty must be a finite number in (0, MAX_ALPHA]: inf and nan give a probe of 0 everywhere."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= MAX_ALPHA:
+        raise ValueError(f"--alpha {alpha!r} out of range: the ridge penalty per training token must be a number "
+                         f"above 0 and at most {MAX_ALPHA:g} (default 0.1)")
+    return float(alpha)
+
+
 def token_identity(
     model: Model,
     windows: TextWindows,
@@ -123,8 +134,7 @@ def token_identity(
     if len(texts) < 2:
         raise ValueError(f"token identity needs at least 2 texts (the probe is scored on texts it was not fitted on), "
                          f"got {len(texts)}")
-    if not alpha > 0:
-        raise ValueError(f"alpha {alpha!r} out of range: must be a positive number")
+    check_alpha(alpha)
     tokens = windows.tokens
     n_windows, n_pos = tokens.shape
     flat = einops.rearrange
