@@ -53,7 +53,7 @@ def check_converged(losses: list[float], lr: float) -> None:
     end = sum(tail) / len(tail)
     if not all(map(math.isfinite, losses)) or end > DIVERGED * losses[0]:
         raise LensDivergedError(f"training diverged with --lr {lr:g}: the loss went from {losses[0]:.3g} at the first "
-                                f"step to {end:.3g} at the end; nothing was written. Use a smaller --lr (e.g. 3e-3)")
+                                f"step to {end:.3g} at the end; nothing was written. Use a smaller --lr than {lr:g}")
 
 
 def stage_streams(model: Model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
