@@ -284,7 +284,7 @@ def test_an_unwritable_out_is_found_before_any_work(command, monkeypatch):
 def test_failed_gguf_loads_leave_no_lock_files(gguf, tmp_path, monkeypatch):
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"not a gguf at all" * 10)
-    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+    with pytest.raises(ModelLoadError, match="not a loadable GGUF model: it starts with"):
         load_model(str(fake))
     from streamlens.model import loading
 

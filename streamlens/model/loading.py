@@ -62,8 +62,8 @@ def _check_gguf_magic(path: Path) -> None:
     except OSError as error:
         raise ModelLoadError(f"model file {path} cannot be read: {error.strerror or error}") from None
     if magic != b"GGUF":
-        raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'): pass a .gguf "
-                             f"model file or an HF model folder")
+        raise ModelLoadError(f"{path} is not a loadable GGUF model: it starts with {magic!r}, not b'GGUF' (pass a "
+                             f".gguf model file or an HF model folder)")
 
 
 def _folder_hash(folder: Path) -> str:
