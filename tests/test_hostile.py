@@ -230,6 +230,14 @@ def test_a_config_that_does_not_match_its_weights_is_one_line(mismatched, tmp_pa
     one_error(run(*args), "config does not match its weights", "mlp")
 
 
+def test_a_truncated_weights_file_in_a_folder_is_one_line(folder, tmp_path):
+    """Found by the hostile pass: safetensors' own error escaped as a traceback (rc 1)."""
+    broken = Path(shutil.copytree(folder, tmp_path / "model"))
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    one_error(run("decompose", "--model", broken, "--prompt", "w5 w6"), "could not be loaded", "deserializing")
+
+
 def test_an_absurd_bootstrap_is_refused_up_front_and_leaves_nothing(folder, tmp_path, monkeypatch):
     import streamlens.model
 

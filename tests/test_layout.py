@@ -41,7 +41,7 @@ INNER: dict[str, tuple[str, ...]] = {
     "results": ("base", "stream", "ablation", "highway", "check", "sources", "identity", "tunedlens", "layers",
                 "__init__"),
     "identity": ("probe", "measure", "__init__"),
-    "tunedlens": ("train", "evaluate", "__init__"),
+    "tunedlens": ("texts", "train", "evaluate", "__init__"),
     "pages": ("html", "ablation", "attribution", "highway", "carry", "layers", "report", "__init__"),
 }
 

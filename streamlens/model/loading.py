@@ -207,6 +207,7 @@ def _load_hf(display: str, source: Path | str) -> tuple[torch.nn.Module, Any]:
     """(HF model in float32, tokenizer) from a folder or a hub name; every failure is one ModelLoadError."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -217,7 +218,7 @@ def _load_hf(display: str, source: Path | str) -> tuple[torch.nn.Module, Any]:
         with _quiet_transformers():  # its load reports and warnings are not ours to print; errors are raised
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
             return AutoModelForCausalLM.from_pretrained(source, **options), tokenizer
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, SafetensorError) as error:  # SafetensorError: a truncated weights file
         if isinstance(source, Path) or not isinstance(error, OSError):  # it was found: say why it failed
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ModelLoadError(f"model {display!r} was found but could not be loaded: {first}") from None
