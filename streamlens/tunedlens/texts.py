@@ -68,11 +68,18 @@ def evaluation_texts(model: "Model", lens: "TunedLens", data: str | None, window
         chosen = _named(windows.split(hold_out_every)[1] if data == BUILTIN else windows, texts)
     overlap = set(chosen.hashes) & set(lens.train_texts)
     if overlap:
-        how = (f"it held out every {lens.hold_out_every}th text of" if lens.hold_out_every else "it was trained on all of")
+        how = (f"it held out every {_ordinal(lens.hold_out_every)} text of" if lens.hold_out_every
+               else "it was trained on all of")
         raise ValueError(f"{len(overlap)} of the {len(chosen.hashes)} evaluation texts were used to train the lens "
                          f"({how} {_short(lens.data)!r}): evaluate on its own held-out texts (leave out --data) or "
                          f"on other texts")
     return chosen
+
+
+def _ordinal(n: int) -> str:
+    """2 -> '2nd', 5 -> '5th', 21 -> '21st'."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _short(text: str | None) -> str:

@@ -118,14 +118,7 @@ def train_tuned_lens(
         with torch.no_grad():
             final_logprobs = model.final_logits(final[chosen]).log_softmax(-1)
         optimiser.zero_grad(set_to_none=False)
-        total = 0.0
-        with torch.enable_grad():
-            for stage in range(n_stages):  # one stage at a time: only one [batch, vocab] graph alive
-                stream = streams[stage, chosen]
-                translated = stream + stream @ weight[stage] + bias[stage]
-                loss = kl_from_final(final_logprobs, model.final_logits(translated).log_softmax(-1)).mean()
-                loss.backward()
-                total += float(loss.detach())
+        total = _backward(model, streams[:, chosen], final_logprobs, weight, bias)
         optimiser.step()
         losses.append(total)
         if on_step is not None:
@@ -139,3 +132,17 @@ def train_tuned_lens(
         seconds=time.perf_counter() - started, threads=torch.get_num_threads(),
         train_loss=torch.tensor(losses, dtype=torch.float64),
     )
+
+
+def _backward(model: Model, streams: torch.Tensor, final_logprobs: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor) -> float:
+    """Accumulate the gradient of the loss on one mini-batch (streams [stage, token, d_model]); returns the loss."""
+    total = 0.0
+    with torch.enable_grad():
+        for stage in range(streams.shape[0]):  # one stage at a time: only one [batch, vocab] graph alive
+            stream = streams[stage]
+            translated = stream + stream @ weight[stage] + bias[stage]
+            loss = kl_from_final(final_logprobs, model.final_logits(translated).log_softmax(-1)).mean()
+            loss.backward()
+            total += float(loss.detach())
+    return total
