@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 BUILTIN = "builtin"
 BUILTIN_PROMPTS = "prompts"
+STDLIB = "stdlib"
+CORPUS_SUFFIXES = (".txt", ".md", ".rst", ".py")  # the text files a folder source reads
 _TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
@@ -55,9 +57,11 @@ def load_texts(source: str | None) -> list[str]:
     """Texts from a source.
 
     Args:
-        source: None or "builtin" for the built-in set; a path ending in `.txt` (the whole file is
-            one text) or `.jsonl` (one `{"text": ...}` object a line; blank lines skipped); any
-            other string is itself the text.
+        source: None or "builtin" for the built-in set; "stdlib" for the Python standard library's
+            own source (a code corpus found on every machine); a path ending in `.txt` (the whole file
+            is one text) or `.jsonl` (one `{"text": ...}` object a line; blank lines skipped); a folder
+            (one text per .txt/.md/.rst/.py file, or per line of its .jsonl files); any other string is
+            itself the text.
 
     Raises:
         ValueError: a missing or empty file, a malformed jsonl line (named by its number), or a
@@ -69,9 +73,13 @@ def load_texts(source: str | None) -> list[str]:
         if not files:
             raise ValueError(f"the built-in text set is missing: no .txt files in {folder}")
         return [path.read_text(encoding="utf-8") for path in files]
+    if source == STDLIB:
+        return stdlib_texts()
     if not source.strip():
-        raise ValueError("empty text: give a non-blank string, a .txt or .jsonl file, or 'builtin'")
+        raise ValueError("empty text: give a non-blank string, a .txt or .jsonl file, a folder, 'builtin' or 'stdlib'")
     path = Path(source).expanduser()
+    if _is_folder(path):
+        return _folder_texts(path)
     if path.suffix.lower() in _TEXT_SUFFIXES:
         return _read_text_file(path)
     if _is_file(path):
@@ -86,6 +94,32 @@ def load_texts(source: str | None) -> list[str]:
 def _looks_like_path(source: str) -> bool:
     """A single word with a slash or a leading ~ or . is a path that went missing, not a text to ablate."""
     return not any(c.isspace() for c in source) and ("/" in source or os.sep in source or source.startswith("~"))
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # e.g. a long literal text is not a valid file name
+        return False
+
+
+def _folder_texts(path: Path) -> list[str]:
+    """One text per file ending in `CORPUS_SUFFIXES` (or one per line of a .jsonl), sorted by path, searched
+    recursively; a folder with none of them is an error naming the suffixes."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (*CORPUS_SUFFIXES, ".jsonl"))
+    if not files:
+        raise ValueError(f"data folder {path} holds no text files ({', '.join(CORPUS_SUFFIXES)}, .jsonl)")
+    texts: list[str] = []
+    for file in files:
+        if file.suffix.lower() == ".jsonl":
+            texts += _read_text_file(file)
+        else:
+            text = file.read_text(encoding="utf-8", errors="replace")
+            if text.strip():
+                texts.append(text)
+    if not texts:
+        raise ValueError(f"data folder {path}: every text file is empty")
+    return texts
 
 
 def _is_file(path: Path) -> bool:
@@ -372,8 +406,6 @@ def text_windows(model: "Model", source: str | None = None, window: int = 64,
 
 
 # ----- held-out corpora (streamlens prune: choose on one set of texts, judge on another) ---------
-STDLIB = "stdlib"
-CORPUS_SUFFIXES = (".txt", ".md", ".rst", ".py")  # the text files a folder source reads
 
 
 def stdlib_texts() -> list[str]:
@@ -393,36 +425,9 @@ def stdlib_texts() -> list[str]:
     return [text for text in texts if text.strip()]
 
 
-def load_corpus(source: str | None) -> list[str]:
-    """Texts from `load_texts` sources, plus "stdlib" (`stdlib_texts`) and a folder of text files.
-
-    A folder gives one text per file ending in `CORPUS_SUFFIXES` or `.jsonl` (sorted by path, searched
-    recursively); a folder with none of them is an error naming the suffixes.
-    """
-    if source == STDLIB:
-        return stdlib_texts()
-    path = Path(source).expanduser() if source not in (None, BUILTIN) else None
-    if path is not None and path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (*CORPUS_SUFFIXES, ".jsonl"))
-        if not files:
-            raise ValueError(f"data folder {path} holds no text files ({', '.join(CORPUS_SUFFIXES)}, .jsonl)")
-        texts: list[str] = []
-        for file in files:
-            if file.suffix.lower() == ".jsonl":
-                texts += _read_text_file(file)
-            else:
-                text = file.read_text(encoding="utf-8", errors="replace")
-                if text.strip():
-                    texts.append(text)
-        if not texts:
-            raise ValueError(f"data folder {path}: every text file is empty")
-        return texts
-    return load_texts(source)
-
-
 def corpus_batch(model: "Model", source: str | None, window: int = 64, max_windows: int | None = 16) -> TokenBatch:
-    """Text windows of a corpus source (`load_corpus`), every prediction scored."""
-    texts = load_corpus(source)
+    """Text windows of a corpus source (`load_texts`), every prediction scored."""
+    texts = load_texts(source)
     tokens = token_windows(model, texts, window, max_windows)
     name = BUILTIN if source is None else source
     return window_batch(tokens, "all", description=f"{name} ({tokens.shape[0]} windows of {window} tokens)")

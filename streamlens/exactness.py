@@ -89,7 +89,7 @@ def _ablation_spot_check(model: Model, tokens: torch.Tensor) -> float:
     middle, last = model.n_layers // 2, model.n_layers - 1
     batch = window_batch(tokens)
     specs = [Ablation((Site("mlp", middle),), "zero", "total"), Ablation((Site("head", last, 0),), "zero", "total")]
-    engine = evaluate(model, batch, specs, metrics=["loss_increase"], n_boot=10, batch_size=len(tokens))
+    engine = evaluate(model, batch, specs, metrics=["loss_increase"], n_boot=40, batch_size=len(tokens))
     worst = 0.0
     for index, spec in enumerate(specs):
         hooked = _loss_with_plain_hook(model, tokens, spec.sites[0]) - _loss_with_plain_hook(model, tokens, None)

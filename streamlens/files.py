@@ -48,9 +48,19 @@ def check_out_dir(out: str | os.PathLike[str]) -> Path:
         existing = existing.parent
     if not existing.is_dir():
         raise OutputError(f"--out {folder} cannot be created: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"--out {folder} is not writable ({existing} does not allow writing)")
+    check_writable(existing, f"--out {folder}")
     return folder
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create and remove a file in the existing `folder`: the only test that holds everywhere (root passes
+    `os.access` on /proc and on read-only mounts, where creating a file then fails)."""
+    try:
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".streamlens-write-test-", delete=True)
+        probe.close()
+    except OSError as error:
+        raise OutputError(f"{what} is not writable: {folder} does not allow writing "
+                          f"({error.strerror or error})") from None
 
 
 def write_atomic(path: str | os.PathLike[str], content: str | bytes) -> Path:

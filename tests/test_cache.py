@@ -92,14 +92,34 @@ def test_a_bad_entry_is_rebuilt_with_one_line_of_notice(env, capsys, fault):
     assert [p.name for p in entry.folder.parent.iterdir() if ".tmp" in p.name] == []
 
 
-def test_damage_that_keeps_size_and_mtime_is_found_by_verify(env):
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_damage_that_keeps_size_and_mtime_is_found_by_default(env, capsys, name):
     source, build, calls = env
     folder = cache.converted(source, build).folder
-    _damage(folder / "model.safetensors", keep_mtime=True)
+    path = folder / name
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit, same size, same mtime
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    entry = cache.converted(source, build)
+    assert len(calls) == 2 and "checksum of " + name in capsys.readouterr().err
+    assert entry.weights_hash == cache.file_hash(entry.folder / "model.safetensors")  # the hash of what is read
+
+
+def test_an_older_manifest_without_checksums_is_verified_once_and_upgraded(env, monkeypatch):
+    source, build, calls = env
+    folder = cache.converted(source, build).folder
+    manifest = json.loads((folder / cache.MANIFEST).read_text())
+    for facts in manifest["files"].values():
+        del facts["xxh3_128"]
+    (folder / cache.MANIFEST).write_text(json.dumps(manifest))
+    hashed = []
+    real = cache.file_hash
+    monkeypatch.setattr(cache, "file_hash", lambda path: hashed.append(Path(path).name) or real(path))
     cache.converted(source, build)
-    assert len(calls) == 1  # the cheap check trusts an unchanged size and mtime
-    cache.converted(source, build, verify=True)
-    assert len(calls) == 2
+    cache.converted(source, build)
+    assert len(calls) == 1 and sorted(hashed) == ["config.json", "model.safetensors"]  # sha256 once, then the checksum
 
 
 def test_a_touched_but_intact_file_is_rehashed_once(env, monkeypatch):

@@ -65,8 +65,8 @@ def test_figures_say_estimate(tiny):
     import torch
 
     batch = window_batch(torch.randint(3, 64, (4, 8), generator=torch.Generator().manual_seed(2)))
-    estimate = A.attribute(tiny, batch, "mlp", "zero", n_boot=20)
-    exact = A.verify(tiny, batch, estimate, n_boot=20)
+    estimate = A.attribute(tiny, batch, "mlp", "zero", n_boot=40)
+    exact = A.verify(tiny, batch, estimate, n_boot=40)
     scatter = plots.estimate_vs_exact(estimate, exact)
     assert "estimate (atp) vs exact" in scatter.layout.title.text and len(scatter.data[1].x) == tiny.n_layers
     assert "estimate" in scatter.layout.yaxis.title.text and "exact" in scatter.layout.xaxis.title.text

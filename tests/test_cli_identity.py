@@ -60,8 +60,9 @@ def test_lens_train_then_eval(tiny_folder, texts, tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "lens.safetensors").stat().st_size > 0 and (out / "lens_train.html").exists()
     evaluated = tmp_path / "eval"
+    other = " ".join(f"w{3 + (5 * k) % 12}" for k in range(16))  # not a training text: those are refused
     result = runner.invoke(app, ["lens", "eval", "--lens", str(out / "lens.safetensors"), "--model", str(tiny_folder),
-                                 "--data", str(texts), "--window", "8", "--out", str(evaluated)])
+                                 "--data", other, "--window", "8", "--out", str(evaluated)])
     assert result.exit_code == 0, result.output
     table = pd.read_csv(evaluated / "lens_eval.csv")
     assert set(table.lens) == {"logit lens", "tuned lens"}

@@ -32,6 +32,7 @@ COMMANDS = {  # command -> the options it must take (by group)
     "identity": MODEL + DATA + WINDOW + PROMPT + OUTPUT,
     "lens train": MODEL + DATA + WINDOW + OUTPUT,
     "lens eval": MODEL + DATA + WINDOW + OUTPUT,
+    "prune": MODEL + DATA + WINDOW + OUTPUT,
 }
 REQUIRED = {"lens eval": ["--lens", "missing.safetensors"]}
 

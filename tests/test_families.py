@@ -93,7 +93,7 @@ def test_ablation_engine_matches_hook_loop(family, method):
     specs = [A.Ablation((site,), method, "total")
              for site in (Site("block", 1), Site("attn", 0), Site("mlp", last), Site("head", 1, 2))]
     specs.append(A.Ablation((Site("attn", 1),), method, "direct"))
-    result = A.evaluate(model, batch, specs, seed=2, batch_size=3, n_boot=20)
+    result = A.evaluate(model, batch, specs, seed=2, batch_size=3, n_boot=40)
     for index, spec in enumerate(specs):
         expected = reference_per_text(model, batch, spec, seed=2)
         assert (result.per_text[index] - expected).abs().max() <= 1e-9, spec.label

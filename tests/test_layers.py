@@ -71,7 +71,7 @@ def _reference_loss_and_top1(model, batch, **change):
 
 def test_swaps_match_reference(tiny, windows):
     specs = [SW.Swap(layer) for layer in range(tiny.n_layers - 1)]
-    result = SW.evaluate(tiny, windows, specs, metrics=("loss_increase", "top1_agreement"), n_boot=20)
+    result = SW.evaluate(tiny, windows, specs, metrics=("loss_increase", "top1_agreement"), n_boot=40)
     assert result.methods == ("swap",) * len(specs)
     for index, spec in enumerate(specs):
         expected = _reference_loss_and_top1(tiny, windows, swap=spec.layer)
@@ -88,7 +88,7 @@ def test_spans_match_reference(tiny, windows):
     n = tiny.n_layers
     spans = [(0, 1), (1, 3), (0, n), (n - 2, n)]
     specs = [LY.span_ablation(start, stop - start) for start, stop in spans]
-    result = SW.evaluate(tiny, windows, specs, metrics=("loss_increase", "top1_agreement"), n_boot=20)
+    result = SW.evaluate(tiny, windows, specs, metrics=("loss_increase", "top1_agreement"), n_boot=40)
     for index, span in enumerate(spans):
         expected = _reference_loss_and_top1(tiny, windows, span=span)
         assert (result.per_text[index] - expected).abs().max() < TOL, span
@@ -129,7 +129,7 @@ def test_spearman_matches_a_direct_rank_correlation():
 @pytest.mark.parametrize("kind", ["head", "attn", "mlp"])
 def test_self_repair_parts_sum_to_total(tiny, windows, kind):
     units = A.units(tiny, kind)[:4]
-    repair = LY.self_repair(tiny, windows, units, n_boot=20)
+    repair = LY.self_repair(tiny, windows, units, n_boot=40)
     parts = repair.direct + repair.norm + repair.downstream  # [unit, text]
     assert (parts - repair.total).abs().max() < TOL
     # the total effect is the engine's own ablated run: its label logit change, checked against a hooked forward

@@ -136,7 +136,7 @@ def test_strategies_choose_what_their_definitions_say(qwen):
     """BI and angular distance recomputed from HF's own hidden states; greedy's first step is the
     single-block sweep's cheapest block; last = the blocks before the final one."""
     choice_batch, _ = _batches()
-    choice = choose(qwen, choice_batch, 3, A.EvalOptions(n_boot=10))
+    choice = choose(qwen, choice_batch, 3, A.EvalOptions(n_boot=40))
     hf, _ = E.load_hf(qwen.info.source, "float64")
     from streamlens.model.fidelity import exact_float64_norms, float64_softmax
 
@@ -147,7 +147,7 @@ def test_strategies_choose_what_their_definitions_say(qwen):
     outputs = torch.cat([inputs[1:], _final_stream(qwen, choice_batch.tokens)[None]])
     bi = (1 - F.cosine_similarity(inputs, outputs, dim=-1)).mean(-1)  # [layer, text]
     assert choice.removed("block_influence", 2) == tuple(sorted(torch.argsort(bi.mean(-1))[:2].tolist()))
-    sweep = A.sweep(qwen, choice_batch, "block", metrics=("loss_increase",), n_boot=10)
+    sweep = A.sweep(qwen, choice_batch, "block", metrics=("loss_increase",), n_boot=40)
     assert choice.removed("greedy", 1) == (int(torch.argmin(sweep.values[:, 0])),)
     assert abs(float(choice.greedy_damage[0]) - float(sweep.values[:, 0].min())) <= 1e-12
     assert choice.removed("last", 2) == (3, 4) and choice.removed("last", 3) == (2, 3, 4)
@@ -183,10 +183,10 @@ def test_held_out_loss_is_the_exported_models_own_loss(qwen, tmp_path):
     for saved in (result.choice, result.comparison, result.export):  # frozen results round-trip through files
         loaded = type(saved).load(saved.save(tmp_path / f"{type(saved).__name__}.safetensors"))
         assert loaded.to_dataframe().equals(saved.to_dataframe()) and loaded.provenance == saved.provenance
-    full = choose(qwen, choice_batch, 5, A.EvalOptions(n_boot=10), strategies=("greedy",)).greedy_damage
+    full = choose(qwen, choice_batch, 5, A.EvalOptions(n_boot=40), strategies=("greedy",)).greedy_damage
     for budget in (0.0, float(full[0]) + 1e-9 if full[0] > 0 else 0.0, float(full.max()) + 1):
         fits = int((full > budget).nonzero()[0]) if (full > budget).any() else len(full)
-        budgeted = choose(qwen, choice_batch, 5, A.EvalOptions(n_boot=10), budget=budget,
+        budgeted = choose(qwen, choice_batch, 5, A.EvalOptions(n_boot=40), budget=budget,
                           strategies=("greedy", "last"))
         assert budgeted.k_budget == fits and budgeted.k_max == min(len(full), fits + 1)  # stopped after the overrun
         assert torch.equal(budgeted.greedy_damage, full[: budgeted.k_max])
@@ -205,9 +205,9 @@ def test_corpus_sources(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.jsonl").write_text('{"text": "two"}\n{"text": "three"}\n')
     (tmp_path / "skip.bin").write_bytes(b"\0")
-    assert D.load_corpus(str(tmp_path)) == ["one text", "two", "three"]
-    stdlib = D.load_corpus(D.STDLIB)
+    assert D.load_texts(str(tmp_path)) == ["one text", "two", "three"]
+    stdlib = D.load_texts(D.STDLIB)
     assert len(stdlib) > 50 and sum(len(text) for text in stdlib) > 500_000  # far beyond 50k tokens
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no text files"):
-        D.load_corpus(str(tmp_path / "empty"))
+        D.load_texts(str(tmp_path / "empty"))

@@ -38,11 +38,12 @@ from streamlens.ablation.backends import LocalBackend, RayBackend
 from streamlens.ablation.checkpoint import Checkpoint, CheckpointMismatch
 from streamlens.ablation.engine import by_damage, cumulative, cumulative_evaluations, evaluate, sweep
 from streamlens.ablation.attribute import ESTIMATES, GRADIENT_METRICS, agreement, attribute, verify
-from streamlens.ablation.options import EvalOptions
+from streamlens.ablation.options import MIN_BOOTSTRAP, EvalOptions, check_n_boot
 from streamlens.ablation.replace import donor_rows
 from streamlens.ablation.spec import CUMULATIVE_MODES, EFFECTS, METHODS, UNIT_KINDS, Ablation, units
 
-__all__ = ["CUMULATIVE_MODES", "EFFECTS", "ESTIMATES", "GRADIENT_METRICS", "METHODS", "UNIT_KINDS", "Ablation",
+__all__ = ["CUMULATIVE_MODES", "EFFECTS", "ESTIMATES", "GRADIENT_METRICS", "METHODS", "MIN_BOOTSTRAP", "UNIT_KINDS",
+           "Ablation",
            "Checkpoint", "CheckpointMismatch", "EvalOptions", "LocalBackend", "RayBackend", "ablated", "agreement",
-           "attribute", "by_damage", "cumulative", "cumulative_evaluations", "donor_rows", "evaluate", "sweep", "units",
+           "attribute", "by_damage", "check_n_boot", "cumulative", "cumulative_evaluations", "donor_rows", "evaluate", "sweep", "units",
            "verify"]

@@ -103,6 +103,7 @@ class _Worker:
     def __init__(self, model_name: str, dtype: str, device: str, weights_hash: str, threads: int) -> None:
         torch.set_num_threads(threads)
         self.model = load_model(model_name, dtype=dtype, device=device)
+        self.replaced = _reconstructed()  # a restart after its process died: the driver says so once
         if self.model.info.weights_hash != weights_hash:
             raise ValueError(f"worker on {socket.gethostname()} loaded {model_name!r} with weights sha256 "
                              f"{self.model.info.weights_hash[:12]}..., not the driver's {weights_hash[:12]}...")
@@ -121,7 +122,9 @@ class _Worker:
             self.engine = _Engine(self.model, _moved(batch, self.model.device), names, seed, batch_size)
             self.specs, self.call = specs, call
         with torch.inference_mode():
-            return run_shard(self.engine, self.specs, shard)
+            values, clean_loss = run_shard(self.engine, self.specs, shard)
+        replaced, self.replaced = self.replaced, False
+        return values, clean_loss, (socket.gethostname() if replaced else None)
 
 
 class RayBackend:
@@ -172,12 +175,14 @@ class RayBackend:
         if ray.is_initialized():  # this process already joined a cluster (e.g. a test session's): use it
             pass
         elif self.address is None:
+            check_local_workers(self.workers or 1, self.threads, gpus)
             workers = self.workers or 1
             # the workers are the job (the driver waits): normal priority, not Ray's default niceness 15
             ray.init(num_cpus=max(workers * self.threads, os.cpu_count() or 1), include_dashboard=False,
                      log_to_driver=False, logging_level=logging.WARNING, _system_config={"worker_niceness": 0})
             self._started_cluster = True
         else:
+            check_reachable(self.address)
             try:
                 ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
             except (ConnectionError, RuntimeError, ValueError) as error:
@@ -260,7 +265,8 @@ class RayBackend:
             while running:
                 ready, _ = ray.wait(list(running), num_returns=1)
                 actor, shard = running.pop(ready[0])
-                values, clean_loss = self._get(ready[0])
+                values, clean_loss, replaced_on = self._get(ready[0])
+                notice_replaced(replaced_on)
                 if waiting:
                     submit(actor)
                 yield shard, values, clean_loss
@@ -282,6 +288,48 @@ class RayBackend:
             raise
         except RayActorError as error:
             raise RuntimeError(f"a Ray worker died: {str(error).splitlines()[0]}") from error
+
+
+# ----- checks and notices (issue 19) --------------------------------------------------------------
+CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster's HOST:PORT before giving up (Ray itself retries for minutes)
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Refuse, within `timeout` seconds, a HOST:PORT where nothing listens ("auto" is left to Ray)."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as error:
+        reason = "timed out" if isinstance(error, TimeoutError) else getattr(error, "strerror", None) or str(error)
+        raise ValueError(f"no Ray cluster at {address} ({reason} within {timeout:g} s): start one there with `ray start "
+                         f"--head`, or give its address") from None
+
+
+def check_local_workers(workers: int, threads: int, gpus: int) -> None:
+    """Refuse a local cluster of more CPU workers (x threads) than this machine has CPUs."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not gpus and workers * threads > cpus:
+        raise ValueError(f"--workers {workers} with {threads} thread(s) each need {workers * threads} CPUs; this machine "
+                         f"has {cpus}: use at most {max(1, cpus // threads)} workers")
+
+
+def _reconstructed() -> bool:
+    try:
+        import ray
+
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - outside an actor, or an older Ray: not a restart we can know of
+        return False
+
+
+def notice_replaced(host: str | None) -> None:
+    """One line on stderr when a shard came back from a worker that Ray restarted after its process died."""
+    if host is not None:
+        import sys
+
+        print(f"streamlens: a Ray worker on {host} died and was replaced; its shards were run again", file=sys.stderr)
 
 
 # ----- GPUs -------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from streamlens import metrics as M
 from streamlens import sites
 from streamlens.ablation import replace as R
 from streamlens.ablation.apply import replacing_hooks
-from streamlens.ablation.options import EvalOptions
+from streamlens.ablation.options import EvalOptions, check_bootstrap_memory
 from streamlens.ablation.spec import CUMULATIVE_MODES, METHODS, Ablation, Progress, stream_order, units
 from streamlens.data import TokenBatch
 from streamlens.model import Model
@@ -229,6 +229,7 @@ def evaluate(
     options = EvalOptions.of(options, **changes)
     started = time.perf_counter()
     engine = _engine(model, batch, options)
+    check_bootstrap_memory(options.n_boot, len(specs) * len(engine.names), batch.n_texts)  # before any work
     with options.torch_threads():
         per_text = _per_text(engine, list(specs), progress, backend)
     return AblationResult(
@@ -289,6 +290,7 @@ def cumulative(
     options = EvalOptions.of(options, **changes)
     started = time.perf_counter()
     engine = _engine(model, batch, options)
+    check_bootstrap_memory(options.n_boot, len(order) * len(engine.names), batch.n_texts)  # before any work
     with options.torch_threads():
         removed, per_text = _remove_one_after_another(engine, list(order), mode, method, effect, progress, backend)
     return CumulativeAblation(

@@ -82,12 +82,16 @@ def ablate(
     from streamlens import ablation as A
 
     effects = _check_choices(unit, method, effect, cumulative)
-    check_at_least(("--batch-size", batch_size, 1), ("--bootstrap", n_boot, MIN_BOOTSTRAP), ("--seed", seed, 0))
+    check_at_least(("--batch-size", batch_size, 1), ("--seed", seed, 0))
     metric_list = None if metrics is None else [name.strip() for name in metrics.split(",") if name.strip()]
     sweep = Sweep(unit, method, effects, cumulative, layers, heads, parse_ints("--layers", layers),
                   parse_ints("--heads", heads), metric_list, positions, seed, batch_size, n_boot)
     on_ray = B.check_backend_options(workers, ray_address, model.device)
     data = _check_data(data, positions, metric_list)
+    try:
+        A.check_n_boot(n_boot)  # the one rule, shared with every command through EvalOptions
+    except ValueError as error:
+        fail(str(error))
     if check_choice("--estimate", estimate, ("none", *A.ESTIMATES)) == "none" and (verify_top or verify_all):
         fail("--verify-top / --verify-all check an estimate: add --estimate atp (or atp-qk, atpstar)")
     if estimate != "none":

@@ -86,7 +86,15 @@ def backend_for(ray, checkpoint: bool, out: str, model, batch, identity: dict[st
             saved = Checkpoint.for_run(checkpoint_folder(out), model, batch, **identity)
         except ValueError as error:
             fail(str(error))
+        resume_notice(saved.folder)
     if ray is not None:
         ray.checkpoint = saved
         return ray, saved
     return (LocalBackend(saved) if saved is not None else None), saved
+
+
+def resume_notice(folder: Path) -> None:
+    """One line on stderr when a run picks up the finished shards of an interrupted one."""
+    finished = sum(1 for _ in folder.rglob("*.safetensors")) if folder.is_dir() else 0
+    if finished:
+        typer.echo(f"streamlens: resuming from {finished} finished shards in {folder}", err=True)

@@ -33,16 +33,15 @@ def identity(
     started = time.perf_counter()
     if max_per_text is not None and max_per_text < 1:
         fail(f"--max-per-text {max_per_text} must be at least 1")
-    if not 0 < alpha < float("inf"):
-        fail(f"--alpha {alpha} out of range: must be a positive finite number, e.g. 0.1")
     try:
         from streamlens.data import load_texts, text_windows
-        from streamlens.identity import token_identity
+        from streamlens.identity import check_alpha, token_identity
         from streamlens.pages.identity import identity_files, identity_summary
         from streamlens.results import command_line
         from streamlens.sites import parse_layers
         from streamlens.sources import attention_sources
 
+        check_alpha(alpha)
         if len(load_texts(data.source)) < 2:
             raise ValueError(f"--data {data.source!r} is one text: the probe needs at least two (fitted on some, "
                              f"scored on others): give a .txt/.jsonl file of several texts, or builtin")

@@ -15,17 +15,6 @@ app.add_typer(lens_app, name="lens")
 HOLD_OUT_HELP = "Every n-th built-in text is held out for evaluation (the rest train)."
 
 
-def _windows(loaded, data, window, hold_out_every, part):
-    """(train or held-out windows, description) of the data: the built-in texts are split; other data is used whole."""
-    from streamlens.data import text_windows
-
-    windows = text_windows(loaded, data, window)
-    if data is not None and data != "builtin":
-        return windows
-    train, held = windows.split(hold_out_every)
-    return train if part == "train" else held
-
-
 def _report(comparison) -> None:
     kl = comparison.mean_kl()
     for stage, label in enumerate(comparison.layer_labels):
@@ -55,32 +44,34 @@ def train(
                                ("--hold-out-every", hold_out_every, 2)):
         if value < low:
             fail(f"{option} {value} out of range: must be at least {low}")
-    if not lr > 0:
-        fail(f"--lr {lr} out of range: must be a positive number")
     try:
         from streamlens.pages.identity import lens_files
         from streamlens.results import command_line
-        from streamlens.tunedlens import compare_lenses, train_tuned_lens
+        from streamlens.tunedlens import check_lr, compare_lenses, record_texts, train_tuned_lens, training_split
 
+        check_lr(lr)
         model.set_threads()
         loaded = model.load()
-        trained_on = _windows(loaded, data.source, data.window, hold_out_every, "train")
-        held = _windows(loaded, data.source, data.window, hold_out_every, "held") if data.source in (None, "builtin") else None
+        trained_on, held = training_split(loaded, data.source, data.window, hold_out_every)
     except (ValueError, OSError) as error:
         fail(str(error))
 
     command = command_line()
-    with progress_bar(transient=False) as progress:
-        task = progress.add_task(f"{loaded.info.name}: tuned lens steps", total=steps)
-        lens = train_tuned_lens(loaded, trained_on.tokens, steps=steps, lr=lr, batch_tokens=batch_tokens, seed=seed,
-                                text=trained_on.description + " (training texts)", command=command,
-                                on_step=lambda step, loss: progress.update(task, advance=1,
-                                                                           description=f"tuned lens: loss {loss:.2f}"))
+    try:
+        with progress_bar(transient=False) as progress:
+            task = progress.add_task(f"{loaded.info.name}: tuned lens steps", total=steps)
+            lens = train_tuned_lens(loaded, trained_on.windows.tokens, steps=steps, lr=lr, batch_tokens=batch_tokens,
+                                    seed=seed, text=trained_on.windows.description + " (training texts)",
+                                    command=command, on_step=lambda step, loss: progress.update(
+                                        task, advance=1, description=f"tuned lens: loss {loss:.2f}"))
+    except ValueError as error:  # LensDivergedError: a diverged lens is no lens; nothing is written
+        fail(str(error))
+    lens = record_texts(lens, data.source, data.window, hold_out_every, trained_on, held)
     evaluated = held if held is not None else trained_on
-    comparison = compare_lenses(loaded, evaluated.tokens, lens, evaluated.text_of,
-                                text=evaluated.description + (" (held-out texts)" if held is not None else
-                                                              " (training texts: no held-out split for --data)"),
-                                command=command)
+    comparison = compare_lenses(loaded, evaluated.windows.tokens, lens, evaluated.windows.text_of,
+                                text=evaluated.windows.description + (" (held-out texts)" if held is not None else
+                                                                      " (training texts: --data has fewer than --hold-out-every texts, none held out)"),
+                                command=command, text_hashes=evaluated.hashes)
     seconds = time.perf_counter() - started
     folder = output.write(lens_files(comparison, lens, command, seconds, "lens_train"))
     _report(comparison)
@@ -89,8 +80,8 @@ def train(
 
 
 @lens_app.command("eval")
-@uses(model=model_group(), data=data_group(command="lens eval", window=Count(64, 2), note="builtin: its held-out "
-                                           "texts; other data is used whole."),
+@uses(model=model_group(), data=data_group(command="lens eval", window=Count(64, 2), note="Default: the lens's own "
+                                           "held-out texts; training texts are refused."),
       output=output_group(default="streamlens-out/lens", help="Folder for lens_eval.csv, .json and .html."))
 def evaluate(
     lens_path: str = typer.Option(..., "--lens", help="A lens.safetensors written by `streamlens lens train`."),
@@ -109,26 +100,30 @@ def evaluate(
     try:
         from streamlens.pages.identity import lens_files
         from streamlens.results import command_line
-        from streamlens.tunedlens import TunedLens, check_lens, compare_lenses
+        from streamlens.tunedlens import TunedLens, check_lens, compare_lenses, evaluation_texts
 
         if not Path(lens_path).is_file():
             raise ValueError(f"--lens {lens_path} is not a file: give a lens.safetensors from `streamlens lens train`")
         try:
             lens = TunedLens.load(lens_path)
-        except Exception as error:  # safetensors raises its own errors for a file that is not one of ours
-            raise ValueError(f"--lens {lens_path} is not a tuned lens ({error})") from None
+        except Exception as error:  # damaged (says so, naming the file), or safetensors' own errors for a non-lens
+            said = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"--lens {said}" if str(lens_path) in said else
+                             f"--lens {lens_path} is not a tuned lens ({said})") from None
         model.set_threads()
         loaded = model.load()
         check_lens(loaded, lens)
-        windows = _windows(loaded, data.source, data.window, hold_out_every, "held")
+        chosen = evaluation_texts(loaded, lens, data.source, data.window, hold_out_every)
     except (ValueError, OSError) as error:
         fail(str(error))
 
     command = command_line()
+    which = "the lens's own held-out texts" if data.source is None else "texts the lens was not trained on"
     with progress_bar() as progress:
         progress.add_task(f"{loaded.info.name}: reading both lenses", total=None)
-        comparison = compare_lenses(loaded, windows.tokens, lens, windows.text_of, text=windows.description,
-                                    command=command)
+        comparison = compare_lenses(loaded, chosen.windows.tokens, lens, chosen.windows.text_of,
+                                    text=f"{chosen.windows.description} ({which})", command=command,
+                                    text_hashes=chosen.hashes)
     seconds = time.perf_counter() - started
     folder = output.write(lens_files(comparison, None, command, seconds, "lens_eval"))
     _report(comparison)

@@ -177,7 +177,8 @@ class DataOptions:
         return is_prompt_source(self.source)
 
 
-TEXTS_HELP = "builtin (default: prose and code in data/), a .txt file, a .jsonl file ({\"text\"} lines) or a literal text"
+TEXTS_HELP = ("builtin (default: prose and code in data/), stdlib (the Python standard library's own source), a .txt file, "
+              "a .jsonl file ({\"text\"} lines), a folder of text files, or a literal text")
 PROMPTS_HELP = "prompts (built-in prompt/target set), a .jsonl file of {\"prompt\", \"target\"} lines"
 
 

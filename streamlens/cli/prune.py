@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import typer
 
-from streamlens.cli.common import MODEL_HELP, app, check_at_least, fail, progress_bar
-
-DATA_HELP = ("builtin, stdlib (the Python standard library's own source), a .txt or .jsonl file, or a folder of "
-             "text files.")
+from streamlens.cli.common import MIN_BOOTSTRAP, app, check_at_least, fail, progress_bar
+from streamlens.cli.options import (TEXTS_HELP, Count, DataOptions, ModelOptions, OutputOptions, data_group,
+                                    model_group, output_group, uses)
 
 
 @app.command()
+@uses(model=model_group(), data=data_group(command="prune", default="builtin", window=Count(64, 2),
+                                           note="The choice data (the strategies choose on it)."),
+      output=output_group(default="streamlens-out/prune", help="Folder for prune.csv, prune.json, prune.html (and "
+                          "the exported model)."))
 def prune(
-    model: str = typer.Option(None, "--model", help=MODEL_HELP),
+    model: ModelOptions = None,
+    data: DataOptions = None,
     blocks: int = typer.Option(None, "--blocks", "-k", help="Blocks to remove (default: L // 8)."),
     budget: float = typer.Option(None, "--budget", help="Instead of -k: remove the most blocks (measured greedy) whose "
                                  "loss increase on the choice data stays within this many nats."),
@@ -20,10 +24,8 @@ def prune(
                                  "angular, last (attention and mlp are measured, never exported)."),
     compare_up_to: int = typer.Option(None, "--compare-up-to", help="Compare the strategies on held-out text for "
                                       "k = 1 .. this (default: -k; L // 2 is the papers' range, slower)."),
-    data: str = typer.Option("builtin", "--data", help="Choice data: " + DATA_HELP),
     eval_data: str = typer.Option("stdlib", "--eval-data", help="Held-out data (windows must differ from --data's): "
-                                  + DATA_HELP),
-    window: int = typer.Option(64, "--window", help="Tokens per window."),
+                                  + TEXTS_HELP + "."),
     choice_windows: int = typer.Option(8, "--choice-windows", help="Windows the strategies choose on."),
     eval_windows: int = typer.Option(16, "--eval-windows", help="Held-out windows (the texts of every CI)."),
     export: bool = typer.Option(True, "--export/--no-export", help="Write the pruned model (HF folder) and prove it."),
@@ -31,24 +33,21 @@ def prune(
                                    "must not exist or be empty."),
     gguf: bool = typer.Option(False, "--gguf", help="Also write a float32 GGUF file into the export folder."),
     proof_windows: int = typer.Option(4, "--proof-windows", help="Held-out windows the export's logits are checked on."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float64 or bfloat16."),
     seed: int = typer.Option(0, "--seed", help="Seeds the bootstrap."),
     batch_size: int = typer.Option(16, "--batch-size", help="Most sequences in one forward (texts x variants)."),
-    n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates for the 95% CIs (over texts)."),
-    threads: int = typer.Option(None, "--threads", help="torch CPU threads."),
-    out: str = typer.Option("streamlens-out/prune", "--out", help="Folder for prune.csv, prune.json, prune.html "
-                            "(and the exported model)."),
+    n_boot: int = typer.Option(1000, "--bootstrap", help=f"Bootstrap replicates for the 95% CIs (over texts; at "
+                               f"least {MIN_BOOTSTRAP})."),
+    output: OutputOptions = None,
 ) -> None:
     """Remove k blocks (or a loss budget): every strategy side by side, judged on held-out text; export and prove."""
     import time
     from pathlib import Path
 
     started = time.perf_counter()
-    check_at_least(("--blocks", blocks, 1), ("--compare-up-to", compare_up_to, 1), ("--window", window, 2),
+    check_at_least(("--blocks", blocks, 1), ("--compare-up-to", compare_up_to, 1),
                    ("--choice-windows", choice_windows, 2), ("--eval-windows", eval_windows, 2),
-                   ("--proof-windows", proof_windows, 1), ("--batch-size", batch_size, 1), ("--bootstrap", n_boot, 1),
-                   ("--threads", threads, 1))
+                   ("--proof-windows", proof_windows, 1), ("--batch-size", batch_size, 1),
+                   ("--bootstrap", n_boot, MIN_BOOTSTRAP))
     if budget is not None and blocks is not None:
         fail("give --blocks or --budget, not both")
     if budget is not None and not budget >= 0:
@@ -63,23 +62,22 @@ def prune(
     if gguf and not export:
         fail("--gguf writes into the export folder: drop --no-export")
     from streamlens import data as D
-    from streamlens.files import check_out_dir
 
-    folder = (export_dir or str(Path(out) / "model")) if export else None
+    folder = (export_dir or str(Path(output.out) / "model")) if export else None
+    window = data.window
     try:
-        check_out_dir(out)
         if folder is not None:
             from streamlens.model.export import check_export_folder
 
             check_export_folder(folder)
-        for option, source in (("--data", data), ("--eval-data", eval_data)):
-            if D.is_prompt_source(source):
-                raise ValueError(f"{option} {source!r} is a prompt set: prune judges text windows")
-            D.load_corpus(source)
-        from streamlens.model import load_model
+        if D.is_prompt_source(eval_data):
+            raise ValueError(f"--eval-data {eval_data!r} is a prompt set: prune judges text windows")
+        D.load_texts(eval_data)
         from streamlens.model.export import check_exportable
 
-        loaded = load_model(model, dtype=dtype, device=device)
+        model.check_paths()
+        threads = model.set_threads()
+        loaded = model.load()
         config = _config(loaded, blocks, budget, strategy, compare_up_to, folder, gguf, proof_windows,
                          seed, batch_size, n_boot, threads)
         if folder is not None:
@@ -88,7 +86,7 @@ def prune(
             from streamlens.model.gguf import check_gguf_export
 
             check_gguf_export(loaded.info.source)
-        choice = D.corpus_batch(loaded, data, window, choice_windows)
+        choice = D.corpus_batch(loaded, data.source, window, choice_windows)
         evaluation = D.corpus_batch(loaded, eval_data, window, eval_windows)
         D.check_disjoint(choice, evaluation)
         for option, batch in (("--data", choice), ("--eval-data", evaluation)):
@@ -97,7 +95,11 @@ def prune(
     except (ValueError, OSError) as error:
         fail(str(error))
     run = _run(loaded, choice, evaluation, config)
-    _write(run, out, started, locals())
+    settings = {"model": model.name, "blocks": blocks, "budget": budget, "strategy": strategy,
+                "compare_up_to": compare_up_to, "data": data.source, "eval_data": eval_data, "window": window,
+                "choice_windows": choice_windows, "eval_windows": eval_windows, "gguf": gguf,
+                "proof_windows": proof_windows, "seed": seed, "batch_size": batch_size, "threads": threads}
+    _write(run, output, started, settings)
 
 
 def _config(loaded, blocks, budget, strategy, compare_up_to, folder, gguf, proof_windows, seed, batch_size, n_boot,
@@ -131,26 +133,19 @@ def _run(loaded, choice, evaluation, config):
             fail(str(error))
 
 
-def _write(run, out, started, given) -> None:
+def _write(run, output: OutputOptions, started: float, settings: dict) -> None:
     import time
 
     from rich.console import Console
     from rich.table import Table
 
-    from streamlens.files import write_outputs
     from streamlens.pages.prune import prune_files
     from streamlens.results.prune import LABELS
 
-    settings = {key: given[key] for key in ("model", "blocks", "budget", "strategy", "compare_up_to", "data",
-                                            "eval_data", "window", "choice_windows", "eval_windows", "gguf",
-                                            "proof_windows", "seed", "batch_size", "threads")}
     from streamlens.results import command_line
 
     settings["command"] = command_line()
-    try:
-        folder = write_outputs(out, prune_files(run, settings, time.perf_counter() - started))
-    except (ValueError, OSError) as error:
-        fail(str(error))
+    folder = output.write(prune_files(run, settings, time.perf_counter() - started))
     comparison = run.comparison
     table = Table(title=f"held-out loss ({comparison.eval_data}; clean {float(comparison.clean_loss.mean()):.3f}), "
                         f"95% CI")

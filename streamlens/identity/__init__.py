@@ -5,9 +5,9 @@
   skip around chosen blocks removed as a counterfactual.
 """
 
-from streamlens.identity.measure import stage_features, token_identity, word_starts
+from streamlens.identity.measure import MAX_ALPHA, check_alpha, stage_features, token_identity, word_starts
 from streamlens.identity.probe import Probe, fit_probe
 from streamlens.results.identity import MEASURES, SPLITS, TARGETS, TokenIdentity
 
-__all__ = ["MEASURES", "Probe", "SPLITS", "TARGETS", "TokenIdentity", "fit_probe", "stage_features", "token_identity",
+__all__ = ["MAX_ALPHA", "MEASURES", "Probe", "SPLITS", "TARGETS", "TokenIdentity", "check_alpha", "fit_probe", "stage_features", "token_identity",
            "word_starts"]

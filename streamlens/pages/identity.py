@@ -115,7 +115,7 @@ def identity_files(identity: TokenIdentity, sources: AttentionSources | None, co
 
 def lens_summary(comparison: LensComparison) -> dict[str, Any]:
     kl, rank = comparison.mean_kl(), comparison.mean_rank()
-    return {"text": comparison.text, "n_tokens": comparison.kl[0, 0].numel(),
+    return {"text": comparison.text, "texts_sha256": list(comparison.text_hashes), "n_tokens": comparison.kl[0, 0].numel(),
             "per_stage": [{"stage": label, **{f"{lens} mean_kl": float(kl[k, s]) for k, lens in enumerate(comparison.lenses)},
                            **{f"{lens} mean_rank": float(rank[k, s]) for k, lens in enumerate(comparison.lenses)}}
                           for s, label in enumerate(comparison.layer_labels)],
@@ -143,7 +143,10 @@ def lens_files(comparison: LensComparison, lens: TunedLens | None, command: str,
     if lens is not None:
         summary["training"] = {"steps": lens.steps, "lr": lens.lr, "batch_tokens": lens.batch_tokens, "seed": lens.seed,
                                "text": lens.text, "n_tokens": lens.n_tokens, "seconds": lens.seconds,
-                               "threads": lens.threads, "final_loss": float(lens.train_loss[-1]) if lens.steps else None}
+                               "threads": lens.threads, "final_loss": float(lens.train_loss[-1]) if lens.steps else None,
+                               "data": lens.data, "window": lens.window, "hold_out_every": lens.hold_out_every,
+                               "train_texts_sha256": list(lens.train_texts),
+                               "held_out_texts_sha256": list(lens.held_out_texts)}
         facts.append(("training", f"{lens.steps} Adam steps of {lens.batch_tokens} tokens, lr {lens.lr}, seed "
                                   f"{lens.seed}, on {lens.text}: {lens.seconds:.0f} s on {lens.threads} threads"))
         with tempfile.TemporaryDirectory() as folder:

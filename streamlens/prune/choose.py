@@ -52,7 +52,7 @@ def greedy_blocks(model: Model, batch: TokenBatch, k_max: int, options: A.EvalOp
     and keeps the least damaging. With `budget` (nats) it stops after the first step whose damage
     passes the budget (that step is kept, so `PruneChoice.k_budget` can see it).
     """
-    options = A.EvalOptions.of(options, metrics=("loss_increase",), n_boot=1)
+    options = A.EvalOptions.of(options, metrics=("loss_increase",), n_boot=A.MIN_BOOTSTRAP)  # only the means are used
     removed: list[Site] = []
     damage: list[float] = []
     remaining = [Site("block", layer) for layer in range(model.n_layers)]

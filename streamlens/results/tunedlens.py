@@ -39,6 +39,52 @@ class TunedLens(Result):
     seconds: float
     threads: int
     train_loss: Float[torch.Tensor, "step"]
+    data: str = ""
+    """The --data it was trained on ("builtin", a file path or a literal text)."""
+    window: int = 0
+    hold_out_every: int = 0
+    """0: the data was used whole for training (no held-out texts)."""
+    train_texts: tuple[str, ...] = ()
+    """sha256 of each training text (utf-8); `lens eval` refuses texts among them."""
+    held_out_texts: tuple[str, ...] = ()
+    """sha256 of each held-out text: what `lens eval` reads by default."""
+    sha256: str = ""
+    """Checksum of every other field and tensor, set by `save` and checked by `load`."""
+
+    def content_hash(self) -> str:
+        """sha256 over every tensor (name, dtype, shape, bytes) and every other field (JSON), `sha256` excluded."""
+        import hashlib
+        import json
+        from dataclasses import asdict, fields
+
+        digest = hashlib.sha256()
+        plain = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, torch.Tensor):
+                tensor = value.detach().to("cpu").contiguous()
+                digest.update(f"{item.name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+                digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            elif item.name != "sha256":
+                plain[item.name] = asdict(value) if item.name == "provenance" else value
+        digest.update(json.dumps(plain, sort_keys=True).encode())
+        return digest.hexdigest()
+
+    def save(self, path):  # type: ignore[override]
+        """Write the lens with its checksum (`content_hash`) inside; see `Result.save`."""
+        from dataclasses import replace
+
+        return Result.save(replace(self, sha256=self.content_hash()), path)
+
+    @classmethod
+    def load(cls, path):  # type: ignore[override]
+        """Read a lens and check its checksum: a damaged file (one flipped byte) raises ValueError."""
+        lens = super().load(path)
+        if not lens.sha256:
+            raise ValueError(f"{path} has no checksum (written by an older streamlens): train the lens again")
+        if lens.content_hash() != lens.sha256:
+            raise ValueError(f"{path} is damaged: its contents do not match the checksum written with them")
+        return lens
 
     @staticmethod
     def identity(provenance: Provenance, n_layers: int, d_model: int, dtype: torch.dtype = torch.float32) -> "TunedLens":
@@ -81,6 +127,8 @@ class LensComparison(Result):
     rank: Float[torch.Tensor, "lens stage window pos"]
     text_of: torch.Tensor
     text: str
+    text_hashes: tuple[str, ...] = ()
+    """sha256 of each text read (utf-8), in the order of their indices in `text_of`."""
 
     def mean_kl(self) -> Float[torch.Tensor, "lens stage"]:
         return self.kl.mean((-1, -2))

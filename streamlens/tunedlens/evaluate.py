@@ -29,6 +29,7 @@ def compare_lenses(
     text_of: torch.Tensor | None = None,
     text: str = "",
     command: str | None = None,
+    text_hashes: tuple[str, ...] = (),
 ) -> LensComparison:
     """KL(final || lens) and the rank of the final top token at every stage, for both lenses.
 
@@ -36,6 +37,7 @@ def compare_lenses(
         tokens: held-out token ids [window, pos].
         lens: a trained `TunedLens` (an `identity` lens reproduces the logit lens exactly).
         text_of: the text of each window [window] (for intervals over texts); None: one text per window.
+        text_hashes: sha256 of each text read (recorded in the result; `tunedlens.texts`).
     """
     check_lens(model, lens)
     model.check_tokens(tokens)
@@ -57,4 +59,5 @@ def compare_lenses(
         provenance=Provenance.of(model, command or command_line(), lens.seed),
         lenses=LENSES, layer_labels=("embed", *(str(layer) for layer in range(model.n_layers))),
         kl=kls, rank=ranks, text_of=(torch.arange(n_windows) if text_of is None else text_of.cpu()), text=text,
+        text_hashes=tuple(text_hashes),
     )

@@ -12,6 +12,7 @@ thread count and torch build the weights are bit-identical.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -22,6 +23,37 @@ from streamlens.model import Model
 from streamlens.recording import record
 from streamlens.results import Provenance, command_line
 from streamlens.results.tunedlens import TunedLens
+
+
+MAX_LR = 0.1  # Adam steps above this move identity-initialised translators far past the logit lens: divergence
+DIVERGED = 1.5  # a run whose last losses average above this multiple of its first loss has diverged
+
+
+class LensDivergedError(ValueError):
+    """Training made the lens worse than the logit lens it started from (or the loss is not finite)."""
+
+
+def check_lr(lr: float) -> float:
+    """The Adam learning rate must be a number in (0, MAX_LR]."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= MAX_LR:
+        raise ValueError(f"--lr {lr!r} out of range: the Adam learning rate must be above 0 and at most {MAX_LR:g} "
+                         f"(default 3e-3)")
+    return float(lr)
+
+
+def check_converged(losses: list[float], lr: float) -> None:
+    """Raise LensDivergedError when the loss is not finite or ends above DIVERGED x where it started.
+
+    Training starts from the logit lens (identity translators), so a run that ends worse than its
+    first step has made the lens worse than no training: it is no lens to save.
+    """
+    if not losses:
+        return
+    tail = losses[-max(1, len(losses) // 10):]
+    end = sum(tail) / len(tail)
+    if not all(map(math.isfinite, losses)) or end > DIVERGED * losses[0]:
+        raise LensDivergedError(f"training diverged with --lr {lr:g}: the loss went from {losses[0]:.3g} at the first "
+                                f"step to {end:.3g} at the end; nothing was written. Use a smaller --lr than {lr:g}")
 
 
 def stage_streams(model: Model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,16 +89,18 @@ def train_tuned_lens(
 
     Args:
         steps: Adam updates; each sees `batch_tokens` tokens, the same tokens at every stage.
-        lr: Adam learning rate.
+        lr: Adam learning rate, in (0, MAX_LR].
         seed: seeds the order of the mini-batches.
         on_step: called with (step, loss) after every update (progress bars).
+
+    Raises:
+        LensDivergedError: the loss is not finite, or ends above DIVERGED x its first value.
     """
     model.check_tokens(tokens)
     for name, value, low in (("steps", steps, 0), ("batch_tokens", batch_tokens, 1), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} {value!r} out of range: must be a whole number >= {low}")
-    if not (lr > 0):
-        raise ValueError(f"lr {lr!r} out of range: must be a positive number")
+    check_lr(lr)
     started = time.perf_counter()
     streams, final = stage_streams(model, tokens)
     n_stages, n_tokens, d_model = streams.shape
@@ -84,18 +118,12 @@ def train_tuned_lens(
         with torch.no_grad():
             final_logprobs = model.final_logits(final[chosen]).log_softmax(-1)
         optimiser.zero_grad(set_to_none=False)
-        total = 0.0
-        with torch.enable_grad():
-            for stage in range(n_stages):  # one stage at a time: only one [batch, vocab] graph alive
-                stream = streams[stage, chosen]
-                translated = stream + stream @ weight[stage] + bias[stage]
-                loss = kl_from_final(final_logprobs, model.final_logits(translated).log_softmax(-1)).mean()
-                loss.backward()
-                total += float(loss.detach())
+        total = _backward(model, streams[:, chosen], final_logprobs, weight, bias)
         optimiser.step()
         losses.append(total)
         if on_step is not None:
             on_step(step, total)
+    check_converged(losses, lr)
     return TunedLens(
         provenance=Provenance.of(model, command or command_line(), seed),
         weight=weight.detach().cpu(), bias=bias.detach().cpu(),
@@ -104,3 +132,17 @@ def train_tuned_lens(
         seconds=time.perf_counter() - started, threads=torch.get_num_threads(),
         train_loss=torch.tensor(losses, dtype=torch.float64),
     )
+
+
+def _backward(model: Model, streams: torch.Tensor, final_logprobs: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor) -> float:
+    """Accumulate the gradient of the loss on one mini-batch (streams [stage, token, d_model]); returns the loss."""
+    total = 0.0
+    with torch.enable_grad():
+        for stage in range(streams.shape[0]):  # one stage at a time: only one [batch, vocab] graph alive
+            stream = streams[stage]
+            translated = stream + stream @ weight[stage] + bias[stage]
+            loss = kl_from_final(final_logprobs, model.final_logits(translated).log_softmax(-1)).mean()
+            loss.backward()
+            total += float(loss.detach())
+    return total
