@@ -308,7 +308,7 @@ def test_result_round_trip_and_tidy_frame(tiny, windows, tmp_path):
     frame = result.to_dataframe()
     assert {"unit", "layer", "head", "method", "metric", "value", "ci_low", "ci_high"} <= set(frame.columns)
     assert len(frame) == 2 * len(TEXT_METRICS)
-    cumulative = A.cumulative(tiny, windows, [Site("attn", 0), Site("mlp", 0)], n_boot=20)
+    cumulative = A.cumulative(tiny, windows, [Site("attn", 0), Site("mlp", 0)], n_boot=40)
     assert CumulativeAblation.load(cumulative.save(tmp_path / "c.safetensors")).units == ("attn 0", "mlp 0")
     assert list(cumulative.to_dataframe()["n_removed"].unique()) == [1, 2]
 
@@ -347,7 +347,7 @@ def test_smollm2_fast_engine_matches_full_hooked_forwards(smol):
 
     batch = window_batch(token_windows(smol, load_texts(None), window=12, max_windows=3))
     layers = [0, 14, smol.n_layers - 1]
-    result = A.sweep(smol, batch, "block", layers=layers, n_boot=20)
+    result = A.sweep(smol, batch, "block", layers=layers, n_boot=40)
     for index, layer in enumerate(layers):
         expected = reference_per_text(smol, batch, A.Ablation((Site("block", layer),)))
         assert (result.per_text[index] - expected).abs().max() < 1e-4
@@ -365,8 +365,8 @@ def test_figures_follow_the_result_for_any_number_of_units(tiny, windows):
     paired = plots.direct_vs_total(direct, total)
     assert [t.name for t in paired.data] == ["direct effect", "total effect"]
     with pytest.raises(ValueError, match="same units"):
-        plots.direct_vs_total(A.sweep(tiny, windows, "attn", effect="direct", n_boot=20), total)
+        plots.direct_vs_total(A.sweep(tiny, windows, "attn", effect="direct", n_boot=40), total)
     with pytest.raises(ValueError, match="metric 'target_prob_change' not in this result"):
         plots.damage(total, "target_prob_change")
-    curve = plots.cumulative_curve(A.cumulative(tiny, windows, A.units(tiny, "mlp"), n_boot=20))
+    curve = plots.cumulative_curve(A.cumulative(tiny, windows, A.units(tiny, "mlp"), n_boot=40))
     assert list(curve.data[1].x) == [1, 2, 3]
