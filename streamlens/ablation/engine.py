@@ -16,6 +16,7 @@ import torch
 
 from streamlens import metrics as M
 from streamlens import sites
+from streamlens.stats import bootstrap_mean_ci
 from streamlens.ablation import replace as R
 from streamlens.ablation.apply import replacing_hooks
 from streamlens.ablation.options import EvalOptions
@@ -320,7 +321,7 @@ def _engine(model: Model, batch: TokenBatch, options: EvalOptions) -> "_Engine":
 def _summary(model: Model, batch: TokenBatch, engine: "_Engine", options: EvalOptions, per_text: torch.Tensor,
              command: str | None, started: float, backend: Backend | None = None) -> dict[str, Any]:
     """The fields every ablation result shares: bootstrap CIs over texts, data, provenance."""
-    estimate, low, high = M.bootstrap_ci(per_text, n_boot=options.n_boot, seed=options.seed)
+    estimate, low, high = bootstrap_mean_ci(per_text, n_boot=options.n_boot, seed=options.seed)
     provenance = Provenance.of(model, command or command_line(), options.seed)
     if backend is not None:
         provenance = dataclasses.replace(provenance, device=backend.device or provenance.device,
@@ -345,8 +346,6 @@ def _metric_names(metrics: Sequence[str] | None, batch: TokenBatch) -> tuple[str
 
 def by_damage(result: AblationResult, metric: str | None = None) -> list[int]:
     """Unit indices of `result` from least to most damaging on `metric` (default: the first)."""
-    name = metric or result.metrics[0]
-    if name not in result.metrics:
-        raise ValueError(f"metric {name!r} not in this result: choose from {', '.join(result.metrics)}")
-    damage = M.damage(name, result.values[:, result.metrics.index(name)])
+    index = M.metric_index(result.metrics, metric)
+    damage = M.damage(result.metrics[index], result.values[:, index])
     return [int(i) for i in torch.argsort(damage, stable=True)]

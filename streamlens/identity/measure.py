@@ -30,6 +30,7 @@ from streamlens.model import Model
 from streamlens.recording import record
 from streamlens.results import Provenance, command_line
 from streamlens.results.identity import MEASURES, SPLITS, TARGETS, TokenIdentity
+from streamlens.stats import percentile_interval
 
 
 def word_starts(model: Model, tokens: torch.Tensor) -> torch.Tensor:
@@ -96,7 +97,8 @@ def _interval(values: torch.Tensor, mask: torch.Tensor, text: torch.Tensor, n_te
     if counts.sum() == 0:
         return (float("nan"),) * 3
     boots = sums[picks].sum(-1) / counts[picks].sum(-1).clamp_min(1)
-    return float(sums.sum() / counts.sum()), float(boots.quantile(0.025)), float(boots.quantile(0.975))
+    low, high = percentile_interval(boots)
+    return float(sums.sum() / counts.sum()), float(low), float(high)
 
 
 def token_identity(
