@@ -128,7 +128,7 @@ def ablate(
         batch = D.load_batch(loaded, data, window=window or 64, max_windows=max_windows, positions=positions)
         A.units(loaded, unit, layer_list, head_list)  # layer and head ranges: checked before any work
         if batch_size is None:  # resuming keeps the unfinished run's; else 16, or what fits on the GPU
-            batch_size = (checkpoint and B.stored_batch_size(out)) or B.choose_batch_size(ray, loaded, batch, device)
+            batch_size = B.choose_batch_size(ray, loaded, batch, device, out if checkpoint else None)
         options = A.EvalOptions(metrics=metric_list, seed=seed, batch_size=batch_size, n_boot=n_boot,
                                 threads=used_threads)
         identity = {"unit": unit, "method": method, "effect": effect, "cumulative": cumulative, "layers": layers,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from streamlens.cli import backend as B
 from streamlens.cli.common import MODEL_HELP, app, fail, parse_ints, progress_bar
 
 
@@ -28,6 +29,7 @@ def layers(
     n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates for the 95% CIs (over texts)."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (1 is often faster on a busy machine)."),
     out: str = typer.Option("streamlens-out/layers", "--out", help="Folder for layers.csv, layers.json, layers.html."),
+    workers: int = B.WORKERS,
 ) -> None:
     """Which layers can go, what predicts it cheaply, and do the papers' findings hold on this model."""
     import time
@@ -42,6 +44,7 @@ def layers(
         fail(f"--window {window} must be at least 2 (a window predicts its next tokens)")
     if max_windows < 2:
         fail(f"--max-windows {max_windows} must be at least 2 (resample ablation and CIs need two texts)")
+    on_ray = B.check_backend_options(workers, None, device)
     sizes = parse_ints("--span-sizes", span_sizes)
     heads_layers = None if repair_layers in (None, "all") else parse_ints("--repair-layers", repair_layers)
     from streamlens import data as D
@@ -75,10 +78,12 @@ def layers(
         fail(str(error))
 
     command = command_line()
-    studies = [_study(one, batch, config, command) for one, batch, config in zip(loaded, batches, configs)]
+    studies = [_study(one, batch, config, command, (workers, device, threads) if on_ray else None)
+               for one, batch, config in zip(loaded, batches, configs)]
     settings = {"command": command, "window": window, "max_windows": max_windows, "span_sizes": span_sizes,
                 "greedy_pool": greedy_pool, "repair_layers": repair_layers or "last third", "seed": seed,
-                "batch_size": batch_size, "threads": threads}
+                "batch_size": batch_size, "threads": threads,
+                "backend": studies[0].blocks.provenance.backend}
     from streamlens.pages.layers import layers_files
 
     seconds = time.perf_counter() - started
@@ -90,8 +95,18 @@ def layers(
     typer.echo(f"wrote layers.csv, layers.json, layers.html to {folder} in {time.perf_counter() - started:.1f} s")
 
 
-def _study(model, batch, config, command):
-    """One model's study under one progress bar (a task per stage)."""
+def _study(model, batch, config, command, ray=None):
+    """One model's study under one progress bar (a task per stage); ray: (workers, device, threads) for
+    Ray workers that load this model (a fresh set per model)."""
+    backend = None if ray is None else B.connect(ray[0], None, ray[1], ray[2])
+    try:
+        return _run(model, batch, config, command, backend)
+    finally:
+        if backend is not None:
+            backend.close()
+
+
+def _run(model, batch, config, command, backend):
     from streamlens import layers as LY
 
     chunks = -(-batch.n_texts // min(config.options.batch_size, batch.n_texts))
@@ -105,7 +120,7 @@ def _study(model, batch, config, command):
 
         return LY.layer_study(model, batch, config, stage=stage,
                               progress=lambda n: bar.advance(current["task"], n) if "task" in current else None,
-                              command=command)
+                              command=command, backend=backend)
 
 
 def _print(studies) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from streamlens.cli import backend as B
 from streamlens.cli.common import MODEL_HELP, THREADS_HELP, VERIFY_HELP, app, fail, use_threads
 
 
@@ -22,6 +23,7 @@ def report(
     verify: bool = typer.Option(False, "--verify", help=VERIFY_HELP),
     lens: str = typer.Option(None, "--lens", help="A lens.safetensors from `streamlens lens train`: adds logit vs "
                              "tuned lens figures."),
+    workers: int = B.WORKERS,
 ) -> None:
     """Write one self-contained HTML report (plotly.js inside; opens offline) with every standard figure."""
     import time
@@ -29,6 +31,7 @@ def report(
     started = time.perf_counter()
     if dtype == "bfloat16":  # refused before loading: its 8-bit mantissa breaks the exact sums
         fail("--dtype bfloat16 is not offered by report: the decomposition must sum exactly; use float32 or float64")
+    on_ray = B.check_backend_options(workers, None, device)
     try:
         from streamlens.data import check_source
         from streamlens.files import write_outputs
@@ -47,9 +50,15 @@ def report(
             except Exception as error:  # a missing file or one that is not a lens: say which
                 raise ValueError(f"--lens {lens} is not a tuned lens from `streamlens lens train` ({error})") from None
         use_threads(threads)
+        ray = B.connect(workers, None, device, threads) if on_ray else None
         loaded = load_model(model, dtype=dtype, device=device, verify=verify)
         say = lambda line: typer.echo(f"[{time.perf_counter() - started:5.1f} s] {line}", err=True)  # noqa: E731
-        page = standard_report(loaded, prompt=prompt, target=target, data=data, log=say, lens=trained).to_html()
+        try:
+            page = standard_report(loaded, prompt=prompt, target=target, data=data, log=say, lens=trained,
+                                   backend=ray).to_html()
+        finally:
+            if ray is not None:
+                ray.close()
         written = write_outputs(path.parent, {path.name: page}, set_name=path.name) / path.name
     except (ValueError, OSError) as error:
         fail(str(error))

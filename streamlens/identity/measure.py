@@ -30,7 +30,7 @@ from streamlens.model import Model
 from streamlens.recording import record
 from streamlens.results import Provenance, command_line
 from streamlens.results.identity import MEASURES, SPLITS, TARGETS, TokenIdentity
-from streamlens.stats import percentile_interval
+from streamlens.stats import bootstrap_indices, percentile_interval
 
 
 def word_starts(model: Model, tokens: torch.Tensor) -> torch.Tensor:
@@ -132,7 +132,7 @@ def token_identity(
     flat = einops.rearrange
     text = flat(windows.text_of[:, None].expand(n_windows, n_pos), "w p -> (w p)")
     text_index = text.unique(return_inverse=True)[1]  # texts numbered 0..len(texts)-1
-    picks = torch.randint(len(texts), (n_boot, len(texts)), generator=torch.Generator().manual_seed(seed))
+    picks = bootstrap_indices(len(texts), n_boot, seed)
     starts = flat(word_starts(model, tokens.cpu()), "w p -> (w p)")
     current = flat(tokens.cpu(), "w p -> (w p)")
     previous = torch.full_like(tokens.cpu(), -1)
