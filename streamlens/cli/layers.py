@@ -14,12 +14,13 @@ def layers(
     data: str = typer.Option(None, "--data", help="builtin (default), a .txt or .jsonl file of texts, or a literal "
                              "text (text windows; prompt sets are not used here)."),
     window: int = typer.Option(32, "--window", help="Tokens per window of text."),
-    max_windows: int = typer.Option(8, "--max-windows", help="Most windows (the texts of every CI; 16 narrows "
-                                    "the CIs about 1.4x and doubles the time)."),
+    max_windows: int = typer.Option(4, "--max-windows", help="Most windows (the texts of every CI). The default "
+                                    "is a quick look; 16 is the full study (CIs about 2x narrower, 4x the time)."),
     span_sizes: str = typer.Option(None, "--span-sizes", help="Sizes whose every span is measured, e.g. 4,8,15 "
                                    "(default: ceil(L/8), ceil(L/4), L/2)."),
-    greedy_pool: int = typer.Option(8, "--greedy-pool", help="Greedy removal per kind runs over this many "
-                                    "least-damaging sublayers (U of them cost U(U+1)/2 evaluations)."),
+    greedy_pool: int = typer.Option(6, "--greedy-pool", help="Greedy removal per kind runs over this many "
+                                    "least-damaging sublayers (U of them cost U(U+1)/2 evaluations; 8 in the full "
+                                    "study)."),
     repair_layers: str = typer.Option(None, "--repair-layers", help="Layers whose heads get the self-repair split, "
                                       "e.g. 20-29 or all (default: the last third); sublayers: always all."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, mps."),
