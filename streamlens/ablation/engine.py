@@ -114,7 +114,7 @@ class Engine:
         self.means: dict[Site, torch.Tensor] = {}  # mean of each write over the batch, filled on demand
         self.clean_loss = torch.full((batch.n_texts,), torch.nan, dtype=torch.float64)  # filled by clean runs
         self._cached: tuple[int, frozenset, frozenset, Clean] | None = None
-        self._streams: dict[Ablation, dict[int, torch.Tensor]] = {}  # ablated resid_pre of the cached chunk
+        self._streams: tuple[Ablation, dict[int, torch.Tensor]] | None = None  # the last ablated_streams
 
     @classmethod
     def of(cls, model: Model, batch: TokenBatch, options: EvalOptions) -> "Engine":
@@ -178,7 +178,7 @@ class Engine:
             index, have, have_donors, clean = self._cached
             if index == rows.start and writes <= have and donor_writes <= have_donors:
                 return clean
-        self._cached, self._streams = None, {}  # free the previous chunk's streams before computing these
+        self._cached, self._streams = None, None  # free the previous chunk's streams before computing these
         batch = self.batch.rows(rows)
         resid, captured, final = R.capture(self.model, batch.tokens, sorted(writes, key=stream_order),
                                           range(self.model.n_layers))
@@ -235,9 +235,11 @@ class Engine:
 
     def ablated_streams(self, clean: Clean, spec: Ablation) -> dict[int, torch.Tensor]:
         """resid_pre {layer: [n, pos, d_model]} of every layer with `spec` (total effect) applied, on
-        `clean`'s texts: the clean streams up to its first layer, then one forward (kept per chunk)."""
-        if spec in self._streams:
-            return self._streams[spec]
+        `clean`'s texts: the clean streams up to its first layer, then one forward (the last spec's
+        streams are kept for the cached chunk: greedy removal asks for one base per step)."""
+        if self._streams is not None and self._streams[0] == spec:
+            return self._streams[1]
+        self._streams = None
         first, skip_block = restart(spec)
         streams = dict(clean.resid_pre)
         replacement = self.replacements(clean, spec)
@@ -257,7 +259,7 @@ class Engine:
             hooks += [(sites.resid_pre(layer), keep(layer)) for layer in range(first + 1, self.model.n_layers)]
             self.model.run_to(stream, sites.FINAL_STREAM, hooks, first)
         streams.update(kept)
-        self._streams[spec] = streams
+        self._streams = (spec, streams)
         return streams
 
     def score(self, clean: Clean, finals: torch.Tensor) -> torch.Tensor:
