@@ -48,6 +48,8 @@ def test_two_models_overlay_in_one_page(folders, tmp_path):
     (["--data", "prompts"], "prompt set"),
     (["--data", "missing.jsonl"], "missing.jsonl"),
     (["--max-windows", "1"], "--max-windows 1"),
+    (["--workers", "0"], "--workers 0 must be at least 1"),
+    (["--workers", "2", "--device", "mps"], "--device 'mps' with Ray workers"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(folders, tmp_path, args, message):
     out = tmp_path / "never"

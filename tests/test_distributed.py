@@ -299,3 +299,18 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
+
+
+@needs_ray
+def test_layer_study_on_two_workers_equals_in_process(cluster, folder, words, tmp_path):
+    """`layers --workers 2`: every sweep of the study (singles, swaps, spans, greedy) on Ray workers;
+    the same numbers as the in-process run (float64, so differences would be real)."""
+    args = ["layers", "--model", str(folder), "--data", str(words), "--window", "8", "--max-windows", "4",
+            "--greedy-pool", "2", "--bootstrap", "50", "--batch-size", "4", "--dtype", "float64"]
+    here = runner.invoke(app, [*args, "--out", str(tmp_path / "here")])
+    on_ray = runner.invoke(app, [*args, "--workers", "2", "--out", str(tmp_path / "ray")])
+    assert here.exit_code == 0 and on_ray.exit_code == 0, on_ray.output
+    got, want = (pd.read_csv(tmp_path / name / "layers.csv") for name in ("ray", "here"))
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=0, atol=1e-12)
+    meta = json.loads((tmp_path / "ray" / "layers.json").read_text())
+    assert "2 workers" in json.dumps(meta)

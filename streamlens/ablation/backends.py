@@ -2,7 +2,7 @@
 
 A call of `evaluate` / `cumulative` with a backend is split into shards: a few whole groups of
 specs (those that share forwards) x one chunk of `batch_size` texts, planned in chunk order. Every
-shard is evaluated by the one engine (`_Engine.per_text(specs, shard=...)`), which still takes the
+shard is evaluated by the one engine (`Engine.per_text(specs, shard=...)`), which still takes the
 means, the resample donors and the clean pass from all specs on the whole batch, so the gathered
 per-text values are those of a run without a backend; the bootstrap runs once, on the driver.
 
@@ -14,15 +14,25 @@ per-text values are those of a run without a backend; the bootstrap runs once, o
   same identity skips the shards it finds; a folder made by another run is refused, never mixed in.
 
 GPUs: `auto_batch_size` picks the sequences per forward from the free memory of the device.
+
+Choosing (what the CLI's `--workers`, `--ray-address`, `--checkpoint` and `--batch-size` call, and a
+notebook in one line): `check_backend_options` before any work, `connect_ray` to start or join the
+cluster, `choose_batch_size` (an unfinished run's, else what fits the GPU, else 16), and
+`choose_backend` (Ray, or in-process with a checkpoint, or None for a plain run):
+
+    backend = choose_backend(model, batch, workers=2, checkpoint_folder="out/.streamlens-checkpoint")
+    result = ablation.sweep(model, batch, "head", backend=backend)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import re
 import socket
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,30 +40,33 @@ import torch
 
 from streamlens.ablation.checkpoint import (CHECKPOINT_FOLDER, Checkpoint, CheckpointMismatch, Shard, batch_digest,
                                             plan, section_key)
-from streamlens.ablation.engine import _Engine
+from streamlens.ablation.engine import Engine
 from streamlens.ablation.spec import Ablation, Progress
 from streamlens.data import TokenBatch
 from streamlens.model import Model, load_model
 from streamlens.model.handle import ModelInfo
 
 __all__ = ["CHECKPOINT_FOLDER", "Checkpoint", "CheckpointMismatch", "LocalBackend", "RayBackend", "Shard",
-           "auto_batch_size", "batch_digest", "free_memory", "plan", "run_shard", "section_key"]
+           "auto_batch_size", "batch_digest", "check_backend_options", "choose_backend", "choose_batch_size",
+           "connect_ray", "free_memory", "plan", "run_shard", "section_key", "stored_batch_size"]
 IN_FLIGHT = 2  # shards queued on each Ray worker, so it never waits for the driver
+DEFAULT_BATCH_SIZE = 16  # sequences per forward on a CPU (or a device whose free memory is unknown)
+_ADDRESS = re.compile(r"^(auto|(ray://)?[A-Za-z0-9_.\-]+:\d{1,5})$")
 
 
 # ----- shards -----------------------------------------------------------------------------------
-def run_shard(engine: _Engine, specs: list[Ablation], shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+def run_shard(engine: Engine, specs: list[Ablation], shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-text values [shard spec, metric, text in shard], clean loss [text in shard]) of one shard."""
     values = engine.per_text(specs, None, (shard.specs, shard.rows))
     return values[list(shard.specs), :, shard.rows].clone(), engine.clean_loss[shard.rows].clone()
 
 
-def _gather(engine: _Engine, specs: list[Ablation], progress: Progress | None, checkpoint: "Checkpoint | None",
+def _gather(engine: Engine, specs: list[Ablation], progress: Progress | None, checkpoint: "Checkpoint | None",
             compute: Callable[[list[Shard]], Iterator[tuple[Shard, torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
     """Per-text values [spec, metric, text] of all shards: those in the checkpoint, then `compute(rest)`
     (finished shards in any order, each saved before it counts). Fills `engine.clean_loss`."""
     shards = plan(engine, specs)
-    out = torch.zeros(len(specs), len(engine.names), engine.batch.n_texts, dtype=torch.float64)
+    out = torch.zeros(len(specs), len(engine.metrics), engine.batch.n_texts, dtype=torch.float64)
     key = None if checkpoint is None else section_key(engine, specs, shards)
 
     def take(shard: Shard, values: torch.Tensor, clean_loss: torch.Tensor) -> None:
@@ -89,7 +102,7 @@ class LocalBackend:
     def __init__(self, checkpoint: Checkpoint | None = None) -> None:
         self.checkpoint = checkpoint
 
-    def per_text(self, engine: _Engine, specs: list[Ablation], progress: Progress | None) -> torch.Tensor:
+    def per_text(self, engine: Engine, specs: list[Ablation], progress: Progress | None) -> torch.Tensor:
         def compute(shards: list[Shard]) -> Iterator[tuple[Shard, torch.Tensor, torch.Tensor]]:
             for shard in shards:
                 yield (shard, *run_shard(engine, specs, shard))
@@ -119,7 +132,7 @@ class _Worker:
             import ray
 
             batch, names, seed, batch_size, specs = ray.get(context[0])
-            self.engine = _Engine(self.model, _moved(batch, self.model.device), names, seed, batch_size)
+            self.engine = Engine(self.model, _moved(batch, self.model.device), names, seed, batch_size)
             self.specs, self.call = specs, call
         with torch.inference_mode():
             values, clean_loss = run_shard(self.engine, self.specs, shard)
@@ -241,12 +254,12 @@ class RayBackend:
         self.close()
 
     # ----- the work ------------------------------------------------------------------------------
-    def per_text(self, engine: _Engine, specs: list[Ablation], progress: Progress | None) -> torch.Tensor:
+    def per_text(self, engine: Engine, specs: list[Ablation], progress: Progress | None) -> torch.Tensor:
         self.start(engine.model)
         import ray
 
         batch = _moved(engine.batch, torch.device("cpu"))
-        context = [ray.put((batch, engine.names, engine.seed, engine.chunk * engine.variants_per_forward, specs))]
+        context = [ray.put((batch, engine.metrics, engine.seed, engine.batch_size, specs))]
         self._calls += 1
         call = self._calls
 
@@ -355,3 +368,70 @@ def auto_batch_size(info: ModelInfo, n_positions: int, free_bytes: int, most: in
     per_position = (width * ((3 * info.n_layers + 1) * info.d_model + 8 * info.d_model + 2 * info.n_heads * n_positions)
                     + 4 * 8192 + 8 * 8)
     return max(1, min(most, int(0.6 * free_bytes) // (per_position * n_positions)))
+
+
+# ----- choosing ---------------------------------------------------------------------------------
+def check_backend_options(workers: int | None = None, ray_address: str | None = None, device: str = "cpu") -> bool:
+    """Check where a sweep should run before any work (ValueError naming the bad value); True for Ray."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"--workers {workers} must be at least 1")
+    if ray_address is not None and not _ADDRESS.match(ray_address):
+        raise ValueError(f"--ray-address {ray_address!r} is not auto or HOST:PORT (e.g. 10.0.0.5:6379)")
+    on_ray = workers is not None or ray_address is not None
+    if on_ray and importlib.util.find_spec("ray") is None:
+        raise ValueError("--workers and --ray-address need Ray: pip install 'streamlens[ray]'")
+    if on_ray and device.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r} with Ray workers: choose cpu or cuda")
+    return on_ray
+
+
+def connect_ray(workers: int | None = None, ray_address: str | None = None, device: str = "cpu",
+                threads: int | None = None) -> RayBackend:
+    """A `RayBackend` on a started or joined cluster, checked to hold the workers (ValueError if not)."""
+    check_backend_options(workers, ray_address, device)
+    return RayBackend(workers, ray_address, device, threads or 1).connect()
+
+
+def stored_batch_size(checkpoint_folder: str | os.PathLike[str]) -> int | None:
+    """The batch size of the unfinished run whose checkpoint is `checkpoint_folder` (None: none there)."""
+    try:
+        stored = Checkpoint.stored(checkpoint_folder)
+    except ValueError:
+        return None
+    value = None if stored is None else stored.get("batch_size")
+    return value if isinstance(value, int) and value >= 1 else None
+
+
+def choose_batch_size(model: Model, batch: TokenBatch, device: str | None = None, ray: RayBackend | None = None,
+                      checkpoint_folder: str | os.PathLike[str] | None = None) -> int:
+    """Sequences per forward: an unfinished run's (in `checkpoint_folder`, so a resumed run keeps its
+    shards), else what fits the free memory of the GPU (the least over `ray`'s workers), else 16."""
+    stored = None if checkpoint_folder is None else stored_batch_size(checkpoint_folder)
+    if stored is not None:
+        return stored
+    free = ray.start(model).free_bytes() if ray is not None else free_memory(device or model.info.device)
+    if free is None:
+        return DEFAULT_BATCH_SIZE
+    return auto_batch_size(model.info, batch.tokens.shape[1], free)
+
+
+def choose_backend(model: Model, batch: TokenBatch, *, workers: int | None = None, ray_address: str | None = None,
+                   device: str = "cpu", threads: int | None = None,
+                   checkpoint_folder: str | os.PathLike[str] | None = None, identity: Mapping[str, Any] | None = None,
+                   ray: RayBackend | None = None) -> "LocalBackend | RayBackend | None":
+    """Where the sweeps of one run go: Ray workers (`workers` / `ray_address`, or a connected `ray`),
+    else this process; with a `checkpoint_folder`, finished shards are kept there (`backend.checkpoint`)
+    and a killed run resumes. None: a plain in-process run without checkpoint.
+
+    identity: what else names the run (unit, method, batch size, ...): a checkpoint made by another
+    run is refused (`CheckpointMismatch`). The caller closes a Ray backend (`with` or `close()`).
+    """
+    if ray is None and check_backend_options(workers, ray_address, device):
+        ray = connect_ray(workers, ray_address, device, threads)
+    saved = None
+    if checkpoint_folder is not None:
+        saved = Checkpoint.for_run(checkpoint_folder, model, batch, **dict(identity or {}))
+    if ray is not None:
+        ray.checkpoint = saved
+        return ray
+    return LocalBackend(saved) if saved is not None else None

@@ -1,7 +1,7 @@
 """Shards and checkpoints: how one call of the engine is cut into shards, and where finished shards
 are kept so that a run killed at any moment (SIGKILL included) resumes where it stopped.
 
-A shard is a few whole groups of specs (those that share forwards, `_Engine._groups`) x one chunk of
+A shard is a few whole groups of specs (those that share forwards, `Engine.groups`) x one chunk of
 `batch_size` texts, planned chunk by chunk. A `Checkpoint` keeps each finished shard as one file
 (safetensors, written to a temporary name and renamed, the sha256 of its values inside) in a hidden
 folder; `identity.json` names the run that made it, and a run with another identity is refused.
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from streamlens.ablation.engine import _Engine
+from streamlens.ablation.engine import Engine
 from streamlens.ablation.spec import Ablation
 from streamlens.data import TokenBatch
 from streamlens.files import write_atomic
@@ -45,12 +45,12 @@ class Shard:
         return slice(self.start, self.stop)
 
 
-def plan(engine: _Engine, specs: Sequence[Ablation], per_chunk: int = SHARDS_PER_CHUNK) -> list[Shard]:
-    """The shards of one call, chunk by chunk: consecutive whole groups of `engine._groups(specs)`
+def plan(engine: Engine, specs: Sequence[Ablation], per_chunk: int = SHARDS_PER_CHUNK) -> list[Shard]:
+    """The shards of one call, chunk by chunk: consecutive whole groups of `engine.groups(specs)`
     packed up to len(specs) / per_chunk specs, so a shard regroups exactly as the full call does."""
     target = max(1, -(-len(specs) // per_chunk))
     packs: list[list[int]] = []
-    for group in engine._groups(specs):
+    for group in engine.groups(specs):
         if not packs or len(packs[-1]) + len(group) > target:
             packs.append([])
         packs[-1].extend(group)
@@ -73,12 +73,12 @@ def batch_digest(batch: TokenBatch) -> str:
     return digest.hexdigest()
 
 
-def section_key(engine: _Engine, specs: Sequence[Ablation], shards: Sequence[Shard]) -> str:
+def section_key(engine: Engine, specs: Sequence[Ablation], shards: Sequence[Shard]) -> str:
     """What one call's shard values depend on: model, data, specs, metrics, seed, batch size, plan."""
     info = engine.model.info
     described = {
         "weights": info.weights_hash, "dtype": info.dtype, "data": batch_digest(engine.batch),
-        "specs": [[spec.label, spec.method, spec.effect] for spec in specs], "metrics": list(engine.names),
+        "specs": [[spec.label, spec.method, spec.effect] for spec in specs], "metrics": list(engine.metrics),
         "seed": engine.seed, "chunk": engine.chunk, "variants": engine.variants_per_forward,
         "shards": [[list(shard.specs), shard.start, shard.stop] for shard in shards],
     }

@@ -1,21 +1,25 @@
 """The engine that evaluates many ablations fast, and the sweeps built on it.
 
-See the package docstring for how it saves work while giving the naive loop's numbers.
+See the package docstring for how it saves work while giving the naive loop's numbers. `Engine` is
+the one loop every analysis goes through (`evaluate`, `sweep`, `cumulative`, the backends' shards,
+`swap`'s swaps and ablated final streams); a spec is an `Ablation` or any `Intervention` (a swap,
+greedy removal's `Added`), so each gets batching, Ray, checkpoints and progress from one place.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Union, runtime_checkable
 
 import einops
 import torch
 
 from streamlens import metrics as M
 from streamlens import sites
+from streamlens.stats import bootstrap_mean_ci
 from streamlens.ablation import replace as R
 from streamlens.ablation.apply import replacing_hooks
 from streamlens.ablation.options import EvalOptions, check_bootstrap_memory
@@ -27,9 +31,16 @@ from streamlens.sites import Site
 
 # ----- the engine -------------------------------------------------------------------------------
 @dataclass
-class _Clean:
-    """Clean run of one chunk of texts: cached streams and the clean logit summaries."""
+class Clean:
+    """The clean run of one chunk of texts `rows`: cached streams and the clean logit summaries.
 
+    Shapes (n texts of the chunk): `resid_pre` {layer: [n, pos, d_model]} for every layer; `writes`
+    {write: [n, pos, d_model] or head z [n, pos, d_head]} (those direct effects or a spec need);
+    `final` [n, pos, d_model] (before the final norm); `scored` (text index [m], position [m]) of the
+    m scored predictions, `labels` / `targets` [m]; `donor_writes` the resample donors' writes.
+    """
+
+    rows: slice
     resid_pre: dict[int, torch.Tensor]
     writes: dict[Site, torch.Tensor]
     final: torch.Tensor
@@ -40,63 +51,136 @@ class _Clean:
     reference: M.CleanReference
     donor_writes: dict[Site, torch.Tensor] = field(default_factory=dict)
 
+    @property
+    def n_texts(self) -> int:
+        return self.final.shape[0]
 
-class _Engine:
-    """Evaluates many ablations of one model on one `TokenBatch`, reusing clean passes."""
 
-    def __init__(self, model: Model, batch: TokenBatch, names: tuple[str, ...], seed: int, batch_size: int):
+@runtime_checkable
+class Intervention(Protocol):
+    """A spec the engine evaluates besides `Ablation` (e.g. `ablation.swap.Swap`).
+
+    It names its rows in a result (`sites`, `method`, `effect`, `label`), the writes it replaces
+    (`writes`: the engine prepares their means / donors for its method), which specs share a forward
+    (`group_key`), and how its final stream follows from the clean cache (`finals`).
+    """
+
+    sites: tuple[Site, ...]
+    method: str
+    effect: str
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def writes(self) -> tuple[Site, ...]: ...
+
+    def check(self, model: Model) -> Any:
+        """Raise ValueError if the model cannot run this spec."""
+        ...
+
+    def group_key(self) -> Hashable:
+        """Specs with equal keys are evaluated together (`finals` gets them as one group)."""
+        ...
+
+    def finals(self, engine: "Engine", clean: Clean, group: Sequence[Any]) -> torch.Tensor:
+        """Final streams [k, n, pos, d_model] of the k specs of `group` (this one first) on `clean`'s texts."""
+        ...
+
+
+Spec = Union[Ablation, Intervention]
+
+
+class Engine:
+    """Evaluates many specs (`Ablation`s or `Intervention`s) of one model on one `TokenBatch`.
+
+    One clean pass per chunk of `batch_size` texts caches resid_pre of every layer; each group of
+    specs that share a forward (`groups`) restarts from that cache. `passes` is the one loop over
+    (group, clean chunk, rows) that `per_text`, the backends' shards and `swap.ablated_finals` all
+    use; `finals` gives a group's final streams and `score` their metrics.
+
+    Args:
+        model: the model.
+        batch: the texts with their scored predictions.
+        metrics: metric names (`metrics.METRICS`) scored by `score`.
+        seed: seeds the resample donors.
+        batch_size: most sequences in one forward (texts x variants).
+    """
+
+    def __init__(self, model: Model, batch: TokenBatch, metrics: tuple[str, ...], seed: int, batch_size: int):
         if batch_size < 1:
             raise ValueError(f"batch size {batch_size} must be at least 1")
-        self.model, self.batch, self.names, self.seed = model, batch, names, seed
+        self.model, self.batch, self.metrics, self.seed, self.batch_size = model, batch, metrics, seed, batch_size
         self.chunk = min(batch_size, batch.n_texts)
         self.variants_per_forward = max(1, batch_size // self.chunk)
-        self.W_U, self.b_U = model.W_U, model.b_U
-        self._means: dict[Site, torch.Tensor] = {}
+        self.means: dict[Site, torch.Tensor] = {}  # mean of each write over the batch, filled on demand
         self.clean_loss = torch.full((batch.n_texts,), torch.nan, dtype=torch.float64)  # filled by clean runs
-        self._cached: tuple[int, frozenset, frozenset, _Clean] | None = None
+        self._cached: tuple[int, frozenset, frozenset, Clean] | None = None
+        self._streams: tuple[Ablation, dict[int, torch.Tensor]] | None = None  # the last ablated_streams
+
+    @classmethod
+    def of(cls, model: Model, batch: TokenBatch, options: EvalOptions) -> "Engine":
+        """An engine with the options' metrics (checked; default: all that apply), seed and batch size."""
+        return cls(model, batch, metric_names(options.metrics, batch), options.seed, options.batch_size)
 
     @property
     def chunks(self) -> list[slice]:
         return [slice(start, min(start + self.chunk, self.batch.n_texts))
                 for start in range(0, self.batch.n_texts, self.chunk)]
 
-    def per_text(self, specs: Sequence[Ablation], progress: Progress | None = None,
-                 shard: tuple[Sequence[int], slice] | None = None) -> torch.Tensor:
-        """Metrics of each spec, averaged per text: [spec, metric, text] (float64).
+    # ----- the loop ------------------------------------------------------------------------------
+    def passes(self, specs: Sequence[Spec], shard: tuple[Sequence[int], slice] | None = None,
+               keep: Sequence[Site] = ()) -> Iterator[tuple[list[int], Clean, slice]]:
+        """The one loop: (indices of a group of `specs` sharing a forward, clean chunk, its rows).
 
-        shard (spec indices, one chunk of `chunks`): evaluate only those specs on those texts (the
-        rest of the output stays zero). Means, donors and the clean pass are still those of all
-        `specs` on the whole batch, and the shard's specs form whole groups of `_groups(specs)`
-        (`ablation.backends` plans them so), so a shard gives the numbers of the full call.
+        shard (spec indices, one chunk of `chunks`): only those specs on those texts. Means, donors
+        and the clean pass are still those of all `specs` on the whole batch, and a shard's specs form
+        whole groups of `groups(specs)` (`checkpoint.plan` packs them so): a shard gives the numbers
+        of the full call. keep: clean writes to keep in `Clean.writes` besides those direct effects
+        need. Runs under `torch.inference_mode`.
         """
         for spec in specs:
             spec.check(self.model)
-        out = torch.zeros(len(specs), len(self.names), self.batch.n_texts, dtype=torch.float64)
         by_method = {m: sorted({w for s in specs if s.method == m for w in s.writes}, key=stream_order)
                      for m in METHODS}
-        if by_method["mean"]:
-            missing = [w for w in by_method["mean"] if w not in self._means]
-            if missing:
-                self._means.update(R.means(self.model, self.batch, missing, self.chunk))
-        keep_writes = frozenset(w for s in specs if s.effect == "direct" for w in s.writes)
+        keep = frozenset(keep) | {w for s in specs if s.effect == "direct" for w in s.writes}
         chosen = list(range(len(specs))) if shard is None else list(shard[0])
         with torch.inference_mode():
+            missing = [w for w in by_method["mean"] if w not in self.means]
+            if missing:
+                self.means.update(R.means(self.model, self.batch, missing, self.chunk))
             for rows in self.chunks if shard is None else [shard[1]]:
-                clean = self._clean(rows, keep_writes, frozenset(by_method["resample"]))
-                for group in self._groups([specs[i] for i in chosen]):
-                    group = [chosen[i] for i in group]
-                    values = self._evaluate(clean, rows, [specs[i] for i in group])  # [k, metric, n]
-                    out[group, :, rows] = values.cpu()
-                    if progress is not None:
-                        progress(len(group))
+                clean = self.clean(rows, keep, frozenset(by_method["resample"]))
+                for group in self.groups([specs[i] for i in chosen]):
+                    yield [chosen[i] for i in group], clean, rows
+
+    def per_text(self, specs: Sequence[Spec], progress: Progress | None = None,
+                 shard: tuple[Sequence[int], slice] | None = None) -> torch.Tensor:
+        """Metrics of each spec, averaged per text: [spec, metric, text] (float64; outside a shard: 0)."""
+        out = torch.zeros(len(specs), len(self.metrics), self.batch.n_texts, dtype=torch.float64)
+        for group, clean, rows in self.passes(specs, shard):
+            out[group, :, rows] = self.score(clean, self.finals(clean, [specs[i] for i in group])).cpu()
+            if progress is not None:
+                progress(len(group))
         return out
 
-    def _clean(self, rows: slice, writes: frozenset, donor_writes: frozenset) -> _Clean:
+    def groups(self, specs: Sequence[Spec]) -> list[list[int]]:
+        """Spec indices that share one forward (same `group_key`), at most `variants_per_forward` each."""
+        keyed: dict[Hashable, list[int]] = {}
+        for index, spec in enumerate(specs):
+            keyed.setdefault(group_key(spec), []).append(index)
+        size = self.variants_per_forward
+        return [indices[i : i + size] for indices in keyed.values() for i in range(0, len(indices), size)]
+
+    # ----- one chunk -----------------------------------------------------------------------------
+    def clean(self, rows: slice, writes: frozenset = frozenset(), donor_writes: frozenset = frozenset()) -> Clean:
+        """The clean pass of texts `rows`, keeping `writes` and the donors' `donor_writes` (cached: the
+        last chunk is kept while later calls need no more than it has)."""
         if self._cached is not None:
             index, have, have_donors, clean = self._cached
             if index == rows.start and writes <= have and donor_writes <= have_donors:
                 return clean
-        self._cached = None  # free the previous chunk's streams before computing these
+        self._cached, self._streams = None, None  # free the previous chunk's streams before computing these
         batch = self.batch.rows(rows)
         resid, captured, final = R.capture(self.model, batch.tokens, sorted(writes, key=stream_order),
                                           range(self.model.n_layers))
@@ -104,8 +188,8 @@ class _Engine:
         labels = batch.labels[text_index, position]
         targets = None if batch.targets is None else batch.targets[text_index]
         normed = self.model.final_norm(final[text_index, position])
-        stats, reference = M.logit_stats(normed, self.W_U, self.b_U, labels, targets, None)
-        clean = _Clean(resid, captured, final, (text_index, position), labels, targets, stats, reference)
+        stats, reference = M.logit_stats(normed, self.model.W_U, self.model.b_U, labels, targets, None)
+        clean = Clean(rows, resid, captured, final, (text_index, position), labels, targets, stats, reference)
         loss = stats.logsumexp - stats.label_logit
         self.clean_loss[rows] = M.per_text_means(loss, text_index, batch.n_texts).cpu()
         if donor_writes:
@@ -114,36 +198,33 @@ class _Engine:
         self._cached = (rows.start, writes, donor_writes, clean)  # for later calls and shards of this chunk
         return clean
 
-    def _groups(self, specs: Sequence[Ablation]) -> list[list[int]]:
-        """Spec indices that share one forward: same effect, same restart layer, same block skip."""
-        keyed: dict[tuple, list[int]] = {}
-        for index, spec in enumerate(specs):
-            key = ("direct",) if spec.effect == "direct" or not spec.sites else ("total", *_restart(spec))
-            keyed.setdefault(key, []).append(index)
-        size = self.variants_per_forward
-        return [indices[i : i + size] for indices in keyed.values() for i in range(0, len(indices), size)]
+    def replacements(self, clean: Clean, spec: Spec) -> dict[Site, torch.Tensor]:
+        """What takes each of `spec`'s writes' place on `clean`'s texts (`replace.replacements`)."""
+        return R.replacements(self.model, spec.method, spec.writes, self.means, clean.donor_writes)
 
-    def _evaluate(self, clean: _Clean, rows: slice, specs: list[Ablation]) -> torch.Tensor:
-        replacements = [R.replacements(self.model, spec.method, spec.writes, self._means, clean.donor_writes)
-                        for spec in specs]
+    def finals(self, clean: Clean, specs: Sequence[Spec]) -> torch.Tensor:
+        """Final streams [k, n, pos, d_model] of one group of k specs (see `groups`)."""
+        if not isinstance(specs[0], Ablation):
+            return specs[0].finals(self, clean, specs)
+        replacements = [self.replacements(clean, spec) for spec in specs]
         if specs[0].effect == "direct" or not specs[0].sites:
-            finals = torch.stack([self._direct_final(clean, reps) for reps in replacements])
-        else:
-            finals = self._total_finals(clean, specs[0], replacements)
-        return self._score(clean, finals, rows.stop - rows.start)
+            return torch.stack([self._direct_final(clean, reps) for reps in replacements])
+        return self.restarted(clean, clean.resid_pre, specs[0], replacements)
 
-    def _direct_final(self, clean: _Clean, replacements: dict[Site, torch.Tensor]) -> torch.Tensor:
+    def _direct_final(self, clean: Clean, replacements: dict[Site, torch.Tensor]) -> torch.Tensor:
         final = clean.final
         for write, replacement in replacements.items():
             removed = R.as_write(self.model, write, clean.writes[write])
             final = final - removed + R.as_write(self.model, write, replacement)
         return final
 
-    def _total_finals(self, clean: _Clean, first: Ablation, replacements: list[dict]) -> torch.Tensor:
-        """Final streams [k, n, pos, d_model] of k variants restarting at the same layer."""
-        start, skip_block = _restart(first)
-        n_texts = clean.final.shape[0]
-        stream = einops.repeat(clean.resid_pre[start], "n pos d -> (k n) pos d", k=len(replacements)).clone()
+    def restarted(self, clean: Clean, resid_pre: dict[int, torch.Tensor], first: Ablation,
+                  replacements: list[dict[Site, torch.Tensor]], start: tuple[int, bool] | None = None) -> torch.Tensor:
+        """Final streams [k, n, pos, d_model] of k variants run from `resid_pre[start]` with their
+        replacements from there on; start (layer, whole block replaced) defaults to `first`'s restart."""
+        start, skip_block = start or restart(first)
+        n_texts = clean.n_texts
+        stream = einops.repeat(resid_pre[start], "n pos d -> (k n) pos d", k=len(replacements)).clone()
         if skip_block:  # resid_post = (resid_pre + attn write) + mlp write, as the block would add them
             for index, reps in enumerate(replacements):
                 rows = slice(index * n_texts, (index + 1) * n_texts)
@@ -154,30 +235,119 @@ class _Engine:
             stream = self.model.run_to(stream, sites.FINAL_STREAM, hooks, start)
         return einops.rearrange(stream, "(k n) pos d -> k n pos d", k=len(replacements))
 
-    def _score(self, clean: _Clean, finals: torch.Tensor, n_texts: int) -> torch.Tensor:
+    def ablated_streams(self, clean: Clean, spec: Ablation) -> dict[int, torch.Tensor]:
+        """resid_pre {layer: [n, pos, d_model]} of every layer with `spec` (total effect) applied, on
+        `clean`'s texts: the clean streams up to its first layer, then one forward (the last spec's
+        streams are kept for the cached chunk: greedy removal asks for one base per step)."""
+        if self._streams is not None and self._streams[0] == spec:
+            return self._streams[1]
+        self._streams = None
+        first, skip_block = restart(spec)
+        streams = dict(clean.resid_pre)
+        replacement = self.replacements(clean, spec)
+        stream = clean.resid_pre[first]
+        if skip_block:
+            stream = stream + replacement[Site("attn", first)] + replacement[Site("mlp", first)]
+            first += 1
+            if first < self.model.n_layers:
+                streams[first] = stream
+        kept: dict[int, torch.Tensor] = {}
+
+        def keep(layer: int):
+            return lambda tensor, hook: kept.__setitem__(layer, tensor)
+
+        if first < self.model.n_layers:
+            hooks = replacing_hooks([replacement], None, from_layer=first)
+            hooks += [(sites.resid_pre(layer), keep(layer)) for layer in range(first + 1, self.model.n_layers)]
+            self.model.run_to(stream, sites.FINAL_STREAM, hooks, first)
+        streams.update(kept)
+        self._streams = (spec, streams)
+        return streams
+
+    def score(self, clean: Clean, finals: torch.Tensor) -> torch.Tensor:
         """Metrics per variant and text [k, metric, n] from final streams [k, n, pos, d_model]."""
-        k = finals.shape[0]
+        k, n_texts = finals.shape[0], clean.n_texts
         text_index, position = clean.scored
         normed = self.model.final_norm(einops.rearrange(finals[:, text_index, position], "k m d -> (k m) d"))
         reference = M.CleanReference(clean.reference.direction.repeat(k, 1), clean.reference.bias.repeat(k))
         targets = None if clean.targets is None else clean.targets.repeat(k)
-        stats, _ = M.logit_stats(normed, self.W_U, self.b_U, clean.labels.repeat(k), targets, reference)
+        stats, _ = M.logit_stats(normed, self.model.W_U, self.model.b_U, clean.labels.repeat(k), targets, reference)
         n = len(text_index)
         out = []
         for index in range(k):
             part = M.LogitStats(*(None if value is None else value[index * n : (index + 1) * n] for value in
                                   (stats.logsumexp, stats.top1, stats.label_logit, stats.reference_mean_logit,
                                    stats.target_logit)))
-            values = M.token_metrics(clean.stats, part, self.names)
+            values = M.token_metrics(clean.stats, part, self.metrics)
             out.append(M.per_text_means(values, text_index, n_texts))
         return torch.stack(out)
 
 
-def _restart(spec: Ablation) -> tuple[int, bool]:
-    """(first layer computed differently, whether that whole block is replaced)."""
+def restart(spec: Ablation) -> tuple[int, bool]:
+    """(first layer a total-effect ablation computes differently, whether that whole block is replaced)."""
     start = spec.first_layer
-    writes = set(spec.writes)
-    return start, {Site("attn", start), Site("mlp", start)} <= writes
+    return start, {Site("attn", start), Site("mlp", start)} <= set(spec.writes)
+
+
+def group_key(spec: Spec) -> Hashable:
+    """Specs with equal keys share a forward: direct effects; total effects restarting alike; or the
+    intervention's own key."""
+    if not isinstance(spec, Ablation):
+        return ("intervention", type(spec).__name__, spec.group_key())
+    return ("direct",) if spec.effect == "direct" or not spec.sites else ("total", *restart(spec))
+
+
+@dataclass(frozen=True)
+class Added:
+    """`base` with one more unit removed (same method, total effect): greedy removal's candidates.
+
+    Evaluated from the stream of `base` (`Engine.ablated_streams`, one forward per chunk), restarting
+    at the added unit's layer instead of `base`'s first layer; the numbers are those of the
+    `Ablation` of all the units.
+    """
+
+    base: Ablation
+    unit: Site
+
+    @property
+    def full(self) -> Ablation:
+        return Ablation((*self.base.sites, self.unit), self.base.method, "total")
+
+    @property
+    def sites(self) -> tuple[Site, ...]:
+        return self.full.sites
+
+    @property
+    def method(self) -> str:
+        return self.base.method
+
+    @property
+    def effect(self) -> str:
+        return "total"
+
+    @property
+    def label(self) -> str:
+        return self.full.label
+
+    @property
+    def writes(self) -> tuple[Site, ...]:
+        return self.full.writes
+
+    def check(self, model: Model) -> "Added":
+        self.full.check(model)
+        return self
+
+    def _start(self) -> tuple[int, bool]:
+        layer = self.unit.layer
+        return layer, {Site("attn", layer), Site("mlp", layer)} <= set(self.full.writes)
+
+    def group_key(self) -> Hashable:
+        return (self.base, *self._start())
+
+    def finals(self, engine: Engine, clean: Clean, group: Sequence["Added"]) -> torch.Tensor:
+        streams = engine.ablated_streams(clean, self.base)
+        replacements = [engine.replacements(clean, spec.full) for spec in group]
+        return engine.restarted(clean, streams, self.full, replacements, self._start())
 
 
 class Backend(Protocol):
@@ -187,13 +357,15 @@ class Backend(Protocol):
     description: str  # recorded in the provenance, e.g. "ray: 2 workers on cpu"
     device: str | None  # where the forwards run (None: the model's device)
 
-    def per_text(self, engine: "_Engine", specs: list[Ablation], progress: Progress | None) -> torch.Tensor:
+    def per_text(self, engine: Engine, specs: list[Spec], progress: Progress | None) -> torch.Tensor:
         """`engine.per_text(specs, progress)`, computed elsewhere; fills `engine.clean_loss` too."""
         ...
 
 
-def _per_text(engine: "_Engine", specs: list[Ablation], progress: Progress | None,
-              backend: Backend | None) -> torch.Tensor:
+def run(engine: Engine, specs: Sequence[Spec], progress: Progress | None = None,
+        backend: Backend | None = None) -> torch.Tensor:
+    """`engine.per_text(specs, progress)` here (backend None) or on `backend`: [spec, metric, text]."""
+    specs = list(specs)
     return engine.per_text(specs, progress) if backend is None else backend.per_text(engine, specs, progress)
 
 
@@ -201,7 +373,7 @@ def _per_text(engine: "_Engine", specs: list[Ablation], progress: Progress | Non
 def evaluate(
     model: Model,
     batch: TokenBatch,
-    specs: Sequence[Ablation],
+    specs: Sequence[Spec],
     options: EvalOptions | None = None,
     *,
     progress: Progress | None = None,
@@ -214,7 +386,8 @@ def evaluate(
     Args:
         model: the model.
         batch: texts and the predictions to score (`streamlens.data.load_batch` and friends).
-        specs: the ablations (each a unit or a set of units with a method and an effect).
+        specs: the ablations (each a unit or a set of units with a method and an effect), or other
+            `Intervention`s such as `swap.Swap` (every spec gets the same batching, backends, progress).
         options: metrics, seed, batch size, bootstrap replicates, threads (`EvalOptions`);
             `changes` override single fields (`evaluate(..., n_boot=200)`).
         progress: called with the number of (spec, chunk of texts) evaluations just finished.
@@ -228,10 +401,10 @@ def evaluate(
     """
     options = EvalOptions.of(options, **changes)
     started = time.perf_counter()
-    engine = _engine(model, batch, options)
-    check_bootstrap_memory(options.n_boot, len(specs) * len(engine.names), batch.n_texts)  # before any work
+    engine = Engine.of(model, batch, options)
+    check_bootstrap_memory(options.n_boot, len(specs) * len(engine.metrics), batch.n_texts)  # before any work
     with options.torch_threads():
-        per_text = _per_text(engine, list(specs), progress, backend)
+        per_text = run(engine, specs, progress, backend)
     return AblationResult(
         **_summary(model, batch, engine, options, per_text, command, started, backend),
         sites=tuple(spec.sites for spec in specs),
@@ -250,11 +423,16 @@ def sweep(
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
     options: EvalOptions | None = None,
+    *,
+    progress: Progress | None = None,
+    command: str | None = None,
+    backend: Backend | None = None,
     **changes: Any,
 ) -> AblationResult:
-    """Remove every single unit of one kind in turn (see `evaluate` for the options)."""
+    """Remove every single unit of one kind in turn (progress, command, backend and the `EvalOptions`
+    field `changes` as in `evaluate`)."""
     specs = [Ablation((site,), method, effect) for site in units(model, unit, layers, heads)]
-    return evaluate(model, batch, specs, options, **changes)
+    return evaluate(model, batch, specs, options, progress=progress, command=command, backend=backend, **changes)
 
 
 def cumulative(
@@ -278,7 +456,9 @@ def cumulative(
     Args:
         order: the units. mode "order": removed in this order. mode "greedy": at each step the
             remaining unit whose removal (together with those already removed) does the least
-            damage on the first metric is removed next (U(U+1)/2 evaluations for U units).
+            damage on the first metric is removed next (U(U+1)/2 evaluations for U units; each
+            candidate's forward restarts at its own layer from the stream of the units already
+            removed, computed once per step).
 
     Returns:
         `CumulativeAblation`: step k (1-based) has the first k units of `units` removed.
@@ -289,8 +469,8 @@ def cumulative(
         raise ValueError("cumulative removal needs at least one unit")
     options = EvalOptions.of(options, **changes)
     started = time.perf_counter()
-    engine = _engine(model, batch, options)
-    check_bootstrap_memory(options.n_boot, len(order) * len(engine.names), batch.n_texts)  # before any work
+    engine = Engine.of(model, batch, options)
+    check_bootstrap_memory(options.n_boot, len(order) * len(engine.metrics), batch.n_texts)  # before any work
     with options.torch_threads():
         removed, per_text = _remove_one_after_another(engine, list(order), mode, method, effect, progress, backend)
     return CumulativeAblation(
@@ -299,38 +479,41 @@ def cumulative(
     )
 
 
-def _remove_one_after_another(engine: "_Engine", order: list[Site], mode: str, method: str, effect: str,
+def _remove_one_after_another(engine: Engine, order: list[Site], mode: str, method: str, effect: str,
                               progress: Progress | None, backend: Backend | None) -> tuple[list[Site], torch.Tensor]:
     """The removal order and per-text metrics after each step [step, metric, text]."""
     if mode == "order":
         specs = [Ablation(tuple(order[: k + 1]), method, effect) for k in range(len(order))]
-        return order, _per_text(engine, specs, progress, backend)
+        return order, run(engine, specs, progress, backend)
     remaining, removed, steps = list(order), [], []
     while remaining:
-        specs = [Ablation((*removed, site), method, effect) for site in remaining]
-        per_text = _per_text(engine, specs, progress, backend)
-        damage = M.damage(engine.names[0], per_text[:, 0].mean(-1))
+        if removed and effect == "total":  # restart each candidate from the stream of the removed units
+            base = Ablation(tuple(removed), method, effect)
+            specs = [Added(base, site) for site in remaining]
+        else:
+            specs = [Ablation((*removed, site), method, effect) for site in remaining]
+        per_text = run(engine, specs, progress, backend)
+        damage = M.damage(engine.metrics[0], per_text[:, 0].mean(-1))
         best = int(torch.argmin(damage))
         removed.append(remaining.pop(best))
         steps.append(per_text[best])
     return removed, torch.stack(steps)
 
 
-def _engine(model: Model, batch: TokenBatch, options: EvalOptions) -> "_Engine":
-    return _Engine(model, batch, _metric_names(options.metrics, batch), options.seed, options.batch_size)
+_engine = Engine.of  # the name tests/test_distributed.py uses
 
 
-def _summary(model: Model, batch: TokenBatch, engine: "_Engine", options: EvalOptions, per_text: torch.Tensor,
+def _summary(model: Model, batch: TokenBatch, engine: Engine, options: EvalOptions, per_text: torch.Tensor,
              command: str | None, started: float, backend: Backend | None = None) -> dict[str, Any]:
     """The fields every ablation result shares: bootstrap CIs over texts, data, provenance."""
-    estimate, low, high = M.bootstrap_ci(per_text, n_boot=options.n_boot, seed=options.seed)
+    estimate, low, high = bootstrap_mean_ci(per_text, n_boot=options.n_boot, seed=options.seed)
     provenance = Provenance.of(model, command or command_line(), options.seed)
     if backend is not None:
         provenance = dataclasses.replace(provenance, device=backend.device or provenance.device,
                                          backend=backend.description)
     return dict(
         provenance=provenance,
-        metrics=engine.names, values=estimate, ci_low=low, ci_high=high, per_text=per_text,
+        metrics=engine.metrics, values=estimate, ci_low=low, ci_high=high, per_text=per_text,
         data=batch.description, n_texts=batch.n_texts, n_predictions=batch.n_scored, n_boot=options.n_boot,
         seconds=time.perf_counter() - started,
     )
@@ -341,15 +524,14 @@ def cumulative_evaluations(n_units: int, mode: str) -> int:
     return n_units if mode == "order" else n_units * (n_units + 1) // 2
 
 
-def _metric_names(metrics: Sequence[str] | None, batch: TokenBatch) -> tuple[str, ...]:
+def metric_names(metrics: Sequence[str] | None, batch: TokenBatch) -> tuple[str, ...]:
+    """The checked metric names (None: every metric that applies to `batch`)."""
     has_targets = batch.targets is not None
     return M.check_metrics(tuple(metrics), has_targets) if metrics is not None else M.default_metrics(has_targets)
 
 
 def by_damage(result: AblationResult, metric: str | None = None) -> list[int]:
     """Unit indices of `result` from least to most damaging on `metric` (default: the first)."""
-    name = metric or result.metrics[0]
-    if name not in result.metrics:
-        raise ValueError(f"metric {name!r} not in this result: choose from {', '.join(result.metrics)}")
-    damage = M.damage(name, result.values[:, result.metrics.index(name)])
+    index = M.metric_index(result.metrics, metric)
+    damage = M.damage(result.metrics[index], result.values[:, index])
     return [int(i) for i in torch.argsort(damage, stable=True)]

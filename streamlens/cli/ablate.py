@@ -165,7 +165,7 @@ def _measure(sweep: Sweep, model: ModelOptions, data: DataOptions, output: Outpu
 
 def _batch_size(ray, checkpoint: bool, out: str, loaded, batch, device: str) -> int:
     """Resuming keeps the unfinished run's batch size; else 16, or what fits on the GPU."""
-    return (checkpoint and B.stored_batch_size(out)) or B.choose_batch_size(ray, loaded, batch, device)
+    return B.choose_batch_size(ray, loaded, batch, device, out if checkpoint else None)
 
 
 # the settings that name a run for its checkpoint, and the option each comes from

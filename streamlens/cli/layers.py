@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from streamlens.cli import backend as B
 from streamlens.cli.common import MIN_BOOTSTRAP, app, check_at_least, fail, parse_ints, progress_bar
 from streamlens.cli.options import (Count, DataOptions, ModelOptions, OutputOptions, data_group, model_group,
                                     output_group, uses)
@@ -12,8 +13,9 @@ from streamlens.cli.options import (Count, DataOptions, ModelOptions, OutputOpti
 @app.command()
 @uses(model=model_group(many=True),
       data=data_group(command="layers", window=Count(32, 2, "a window predicts its next tokens"),
-                      max_windows=Count(8, 2, "resample ablation and CIs need two texts", help="Most windows (the "
-                                        "texts of every CI; 16 narrows the CIs about 1.4x and doubles the time)."),
+                      max_windows=Count(4, 2, "resample ablation and CIs need two texts", help="Most windows (the "
+                                        "texts of every CI). The default is a quick look; 16 is the full study (CIs "
+                                        "about 2x narrower, 4x the time)."),
                       note="Text windows; prompt sets are not used here."),
       output=output_group(default="streamlens-out/layers", help="Folder for layers.csv, layers.json, layers.html."))
 def layers(
@@ -21,8 +23,9 @@ def layers(
     data: DataOptions = None,
     span_sizes: str = typer.Option(None, "--span-sizes", help="Sizes whose every span is measured, e.g. 4,8,15 "
                                    "(default: ceil(L/8), ceil(L/4), L/2)."),
-    greedy_pool: int = typer.Option(8, "--greedy-pool", help="Greedy removal per kind runs over this many "
-                                    "least-damaging sublayers (U of them cost U(U+1)/2 evaluations)."),
+    greedy_pool: int = typer.Option(6, "--greedy-pool", help="Greedy removal per kind runs over this many "
+                                    "least-damaging sublayers (U of them cost U(U+1)/2 evaluations; 8 in the full "
+                                    "study)."),
     repair_layers: str = typer.Option(None, "--repair-layers", help="Layers whose heads get the self-repair split, "
                                       "e.g. 20-29 or all (default: the last third); sublayers: always all."),
     seed: int = typer.Option(0, "--seed", help="Seeds the resample donors and the bootstrap."),
@@ -30,6 +33,7 @@ def layers(
     n_boot: int = typer.Option(1000, "--bootstrap", help=f"Bootstrap replicates for the 95% CIs (over texts; at "
                                f"least {MIN_BOOTSTRAP})."),
     output: OutputOptions = None,
+    workers: int = B.WORKERS,
 ) -> None:
     """Which layers can go, what predicts it cheaply, and do the papers' findings hold on this model."""
     import time
@@ -37,6 +41,7 @@ def layers(
     started = time.perf_counter()
     check_at_least(("--greedy-pool", greedy_pool, 1), ("--batch-size", batch_size, 1),
                    ("--bootstrap", n_boot, MIN_BOOTSTRAP))
+    on_ray = B.check_backend_options(workers, None, model.device)
     sizes = parse_ints("--span-sizes", span_sizes)
     heads_layers = None if repair_layers in (None, "all") else parse_ints("--repair-layers", repair_layers)
     try:
@@ -53,10 +58,11 @@ def layers(
         fail(str(error))
 
     command = command_line()
-    studies = [_study(one, batch, config, command) for one, batch, config in zip(loaded, batches, configs)]
+    studies = [_study(one, batch, config, command, (workers, model.device, model.threads) if on_ray else None)
+               for one, batch, config in zip(loaded, batches, configs)]
     settings = {"command": command, "window": data.window, "max_windows": data.max_windows, "span_sizes": span_sizes,
                 "greedy_pool": greedy_pool, "repair_layers": repair_layers or "last third", "seed": seed,
-                "batch_size": batch_size, "threads": model.threads}
+                "batch_size": batch_size, "threads": model.threads, "backend": studies[0].blocks.provenance.backend}
     from streamlens.pages.layers import layers_files
 
     seconds = time.perf_counter() - started
@@ -84,8 +90,18 @@ def _batch(model, data):
     return batch
 
 
-def _study(model, batch, config, command):
-    """One model's study under one progress bar (a task per stage)."""
+def _study(model, batch, config, command, ray=None):
+    """One model's study under one progress bar (a task per stage); ray: (workers, device, threads) for
+    Ray workers that load this model (a fresh set per model)."""
+    backend = None if ray is None else B.connect(ray[0], None, ray[1], ray[2])
+    try:
+        return _run(model, batch, config, command, backend)
+    finally:
+        if backend is not None:
+            backend.close()
+
+
+def _run(model, batch, config, command, backend):
     from streamlens import importance as LY
 
     chunks = -(-batch.n_texts // min(config.options.batch_size, batch.n_texts))
@@ -99,7 +115,7 @@ def _study(model, batch, config, command):
 
         return LY.layer_study(model, batch, config, stage=stage,
                               progress=lambda n: bar.advance(current["task"], n) if "task" in current else None,
-                              command=command)
+                              command=command, backend=backend)
 
 
 def _print(studies) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from streamlens.cli import backend as B
 from streamlens.cli.common import app, fail
 from streamlens.cli.options import (EXACT_DTYPES, DataOptions, ModelOptions, OutputOptions, PromptOptions, data_group,
                                     model_group, output_group, prompt_group, uses)
@@ -22,11 +23,13 @@ def report(
     output: OutputOptions = None,
     lens: str = typer.Option(None, "--lens", help="A lens.safetensors from `streamlens lens train`: adds logit vs "
                              "tuned lens figures."),
+    workers: int = B.WORKERS,
 ) -> None:
     """Write one self-contained HTML report (plotly.js inside; opens offline) with every standard figure."""
     import time
 
     started = time.perf_counter()
+    on_ray = B.check_backend_options(workers, None, model.device)
     try:
         from streamlens.pages.report import standard_report
 
@@ -39,10 +42,15 @@ def report(
             except Exception as error:  # a missing file or one that is not a lens: say which
                 raise ValueError(f"--lens {lens} is not a tuned lens from `streamlens lens train` ({error})") from None
         model.set_threads()
+        ray = B.connect(workers, None, model.device, model.threads) if on_ray else None
         loaded = model.load()
         say = lambda line: typer.echo(f"[{time.perf_counter() - started:5.1f} s] {line}", err=True)  # noqa: E731
-        page = standard_report(loaded, prompt=prompt.prompt, target=prompt.target, data=data.source, log=say,
-                               lens=trained).to_html()
+        try:
+            page = standard_report(loaded, prompt=prompt.prompt, target=prompt.target, data=data.source, log=say,
+                                   lens=trained, backend=ray).to_html()
+        finally:
+            if ray is not None:
+                ray.close()
     except (ValueError, OSError) as error:
         fail(str(error))
     written = output.write({"report.html": page})

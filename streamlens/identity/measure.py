@@ -30,6 +30,7 @@ from streamlens.model import Model
 from streamlens.recording import record
 from streamlens.results import Provenance, command_line
 from streamlens.results.identity import MEASURES, SPLITS, TARGETS, TokenIdentity
+from streamlens.stats import bootstrap_indices, percentile_interval
 
 
 def word_starts(model: Model, tokens: torch.Tensor) -> torch.Tensor:
@@ -96,7 +97,8 @@ def _interval(values: torch.Tensor, mask: torch.Tensor, text: torch.Tensor, n_te
     if counts.sum() == 0:
         return (float("nan"),) * 3
     boots = sums[picks].sum(-1) / counts[picks].sum(-1).clamp_min(1)
-    return float(sums.sum() / counts.sum()), float(boots.quantile(0.025)), float(boots.quantile(0.975))
+    low, high = percentile_interval(boots)
+    return float(sums.sum() / counts.sum()), float(low), float(high)
 
 
 MAX_ALPHA = 1e3  # per training token on standardised features: beyond this the probe is shrunk to the majority
@@ -175,7 +177,7 @@ def token_identity(
     flat = einops.rearrange
     text = flat(windows.text_of[:, None].expand(*tokens.shape), "w p -> (w p)")
     text_index = text.unique(return_inverse=True)[1]  # texts numbered 0..len(texts)-1
-    picks = torch.randint(len(texts), (n_boot, len(texts)), generator=torch.Generator().manual_seed(seed))
+    picks = bootstrap_indices(len(texts), n_boot, seed)
     current, previous, split_masks = _labels(model, tokens)
     conditions = [None, *removed]
     shape = (len(conditions), len(TARGETS), len(SPLITS), model.n_layers + 1, len(MEASURES))

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 
+from streamlens import stats
 from streamlens.ablation.replace import capture
 from streamlens.data import TokenBatch
-from streamlens.metrics import bootstrap_indices
 from streamlens.model import Model
 from streamlens.results import Provenance, command_line
 from streamlens.results.layers import StreamScores
@@ -58,28 +58,11 @@ def stream_scores(model: Model, batch: TokenBatch, batch_size: int = 16, command
                         batch.description)
 
 
-def spearman(x: Float[torch.Tensor, "... item"], y: Float[torch.Tensor, "... item"]) -> torch.Tensor:
-    """Spearman rank correlation over the last axis (ties get their average rank) [...]."""
-    rx, ry = _ranks(x.double()), _ranks(y.double())
-    rx, ry = rx - rx.mean(-1, keepdim=True), ry - ry.mean(-1, keepdim=True)
-    return (rx * ry).sum(-1) / (rx.norm(dim=-1) * ry.norm(dim=-1))
-
-
-def _ranks(values: torch.Tensor) -> torch.Tensor:
-    order = values.argsort(dim=-1, stable=True)
-    ranks = torch.empty_like(values)
-    ranks.scatter_(-1, order, torch.arange(values.shape[-1], dtype=values.dtype).expand_as(values).contiguous())
-    # average the ranks of ties: rank = mean rank of all equal values
-    equal = values.unsqueeze(-1) == values.unsqueeze(-2)  # [..., i, j]
-    return (equal.double() * ranks.unsqueeze(-2)).sum(-1) / equal.double().sum(-1)
+spearman = stats.spearman  # the layer study's name for it (README, notebooks)
 
 
 def spearman_ci(score: Float[torch.Tensor, "unit text"], damage: Float[torch.Tensor, "unit text"],
                 n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
     """Spearman rho between the mean score and the mean damage of each unit, with a 95% percentile
     bootstrap CI that resamples texts (the same texts for score and damage in each replicate)."""
-    estimate = float(spearman(score.mean(-1), damage.mean(-1)))
-    draws = bootstrap_indices(score.shape[-1], n_boot, seed)  # [n_boot, text]
-    rho = spearman(score[:, draws].mean(-1).T, damage[:, draws].mean(-1).T)  # [n_boot]
-    rho = rho[~torch.isnan(rho)]
-    return estimate, float(torch.quantile(rho, 0.025)), float(torch.quantile(rho, 0.975))
+    return stats.correlation_ci(score, damage, "spearman", n_boot, seed)

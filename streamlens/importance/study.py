@@ -1,7 +1,9 @@
 """The whole layer study on one model: removals, spans, swaps, sublayers, self-repair, verdicts.
 
-Every damage number is the ablation engine's (`ablation.evaluate`, `ablation.cumulative`, and
-`ablation.swap.evaluate` for swaps), so all of them carry 95% bootstrap CIs over texts.
+Every damage number is the ablation engine's (`ablation.evaluate` for single units, spans and
+`ablation.swap.Swap`s, `ablation.cumulative`), so all of them carry 95% bootstrap CIs over texts,
+and all of them run on the given backend (Ray workers, a checkpoint); self-repair, which decomposes
+the ablated streams themselves, runs in this process.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from streamlens import ablation as A
-from streamlens.ablation import swap as SW
+from streamlens.ablation.engine import Backend
+from streamlens.ablation.swap import Swap
 from streamlens.data import TokenBatch
 from streamlens.model import Model
 from streamlens.results import AblationResult, CumulativeAblation, command_line
@@ -101,9 +104,10 @@ def stage_sizes(model: Model, config: StudyConfig) -> dict[str, int]:
 
 def layer_study(model: Model, batch: TokenBatch, config: StudyConfig | None = None, *,
                 stage: Stage | None = None, progress: A.spec.Progress | None = None,
-                command: str | None = None) -> LayerStudy:
+                command: str | None = None, backend: Backend | None = None) -> LayerStudy:
     """Run the study (see the package docstring); `stage(name, evaluations)` announces each part,
-    `progress(k)` counts finished evaluations (per chunk of texts)."""
+    `progress(k)` counts finished evaluations (per chunk of texts); `backend`: where the sweeps
+    run (`ablation.backends.choose_backend`; None: here)."""
     config = (config or StudyConfig()).check(model)
     options = A.EvalOptions.of(config.options, metrics=METRICS)
     command = command or command_line()
@@ -116,25 +120,23 @@ def layer_study(model: Model, batch: TokenBatch, config: StudyConfig | None = No
         scores = stream_scores(model, batch, options.batch_size, command)
     announce("blocks, attention, MLP", sizes["blocks, attention, MLP"])
     single = {kind: [A.Ablation((site,), "zero", "total") for site in A.units(model, kind)] for kind in ("block", "attn", "mlp")}
-    every = SW.evaluate(model, batch, [s for kind in single for s in single[kind]], options, progress=progress,
-                        command=command)
+    run = dict(progress=progress, command=command, backend=backend)
+    every = A.evaluate(model, batch, [s for kind in single for s in single[kind]], options, **run)
     blocks, attn, mlp = (_rows(every, range(k * n, (k + 1) * n)) for k in range(3))
 
     announce("swaps", sizes["swaps"])
-    swaps = SW.evaluate(model, batch, [SW.Swap(layer) for layer in range(n - 1)], options, progress=progress,
-                        command=command)
+    swaps = A.evaluate(model, batch, [Swap(layer) for layer in range(n - 1)], options, **run)
 
     predicted = predicted_spans(scores)
     span_specs = [span_ablation(start, size) for size, start in _span_keys(predicted, config.sizes(n), n)]
     announce("spans", len(span_specs))
-    spans = _join(blocks, SW.evaluate(model, batch, span_specs, options, progress=progress, command=command))
+    spans = _join(blocks, A.evaluate(model, batch, span_specs, options, **run))
 
     announce("greedy", sizes["greedy"])
     greedy: dict[str, CumulativeAblation] = {}
     for kind, result in (("attn", attn), ("mlp", mlp)):
         pool = [Site(kind, layer) for layer in A.by_damage(result)[: config.greedy_pool]]
-        greedy[kind] = A.cumulative(model, batch, pool, "greedy", "zero", "total", options, progress=progress,
-                                    command=command)
+        greedy[kind] = A.cumulative(model, batch, pool, "greedy", "zero", "total", options, **run)
 
     announce("self-repair", sizes["self-repair"])
     units = [Site(kind, layer) for layer in range(n) for kind in ("attn", "mlp")]

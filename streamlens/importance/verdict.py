@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from streamlens.ablation import EvalOptions
-from streamlens.metrics import bootstrap_ci, bootstrap_indices
+from streamlens.stats import bootstrap_indices, bootstrap_mean_ci, paired_difference_ci, percentile_interval
 from streamlens.results.layers import Verdict
 
 PAPERS = {
@@ -61,7 +61,7 @@ def verdicts(study: dict[str, Any], options: EvalOptions) -> tuple[Verdict, ...]
     third = max(1, n // 3)
     middle = damage[third : n - third] if n - 2 * third > 0 else damage[1:-1]
     edges = (damage[0] + damage[-1]) / 2 - middle.mean(0)
-    value, low, high = (float(v) for v in bootstrap_ci(edges, **boot))
+    value, low, high = (float(v) for v in bootstrap_mean_ci(edges, **boot))
     rows.append(Verdict(
         "First and last blocks are the most damaging to remove; middle blocks are cheap",
         "remove one block (zero its attention and MLP writes), loss increase on text windows",
@@ -69,8 +69,8 @@ def verdicts(study: dict[str, Any], options: EvalOptions) -> tuple[Verdict, ...]
         f"block 0 +{float(damage[0].mean()):.3f}, block {n - 1} +{float(damage[-1].mean()):.3f}",
         value, low, high, PAPERS["edges"], _decide(low, high)))
 
-    gap = mlp.per_text[:, loss].mean(0) - attn.per_text[:, loss].mean(0)
-    value, low, high = (float(v) for v in bootstrap_ci(gap, **boot))
+    value, low, high = (float(v) for v in paired_difference_ci(mlp.per_text[:, loss].mean(0),
+                                                               attn.per_text[:, loss].mean(0), **boot))
     counts = {kind: removable(curve, 0.5) for kind, curve in study["greedy"].items()}
     rows.append(Verdict(
         "Attention is cheaper to remove than MLP",
@@ -90,8 +90,7 @@ def verdicts(study: dict[str, Any], options: EvalOptions) -> tuple[Verdict, ...]
     rows.append(_span_verdict(study, boot))
 
     swap = swaps.per_text[:, swaps.metrics.index("loss_increase")]  # [layer, text], swap L <-> L+1
-    gap = (damage[: n - 1] - swap).mean(0)
-    value, low, high = (float(v) for v in bootstrap_ci(gap, **boot))
+    value, low, high = (float(v) for v in bootstrap_mean_ci((damage[: n - 1] - swap).mean(0), **boot))
     rows.append(Verdict(
         "Swapping adjacent blocks hurts less than deleting a block",
         "swap blocks L and L+1 vs delete block L, for every L; loss increase",
@@ -132,8 +131,8 @@ def _span_verdict(study: dict[str, Any], boot: dict[str, int]) -> Verdict:
     start = dict(study["predicted_spans"]).get(size, 0)
     candidates = [i for (s, _), i in by_key.items() if s == size]
     best = min(candidates, key=lambda i: float(spans.values[i, loss]))
-    gap = spans.per_text[by_key[(size, start)], loss] - spans.per_text[best, loss]
-    value, low, high = (float(v) for v in bootstrap_ci(gap, **boot))
+    value, low, high = (float(v) for v in paired_difference_ci(spans.per_text[by_key[(size, start)], loss],
+                                                               spans.per_text[best, loss], **boot))
     best_start = spans.sites[best][0].layer
     return Verdict(
         "Angular distance finds the cheapest span to remove",
@@ -152,4 +151,5 @@ def _median_fraction(repair, units: list[int], options: EvalOptions) -> tuple[fl
     estimate = float(repair.repaired_fraction()[keep].median())
     draws = bootstrap_indices(repair.direct.shape[1], options.n_boot, options.seed)
     medians = torch.stack([repair.repaired_fraction(draw)[keep].median() for draw in draws])
-    return estimate, float(torch.quantile(medians, 0.025)), float(torch.quantile(medians, 0.975))
+    low, high = percentile_interval(medians)
+    return estimate, float(low), float(high)

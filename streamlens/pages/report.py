@@ -19,6 +19,7 @@ from streamlens.results import Provenance, command_line
 if TYPE_CHECKING:
     import torch
 
+    from streamlens.ablation.engine import Backend
     from streamlens.data import TokenBatch
     from streamlens.model import Model
     from streamlens.results.tunedlens import TunedLens
@@ -34,6 +35,7 @@ def standard_report(
     data: str | None = DEFAULT_DATA,
     log: Callable[[str], None] | None = None,
     lens: "TunedLens | None" = None,
+    backend: "Backend | None" = None,
 ) -> Report:
     """Run the standard analyses on `model` and compose their figures.
 
@@ -45,6 +47,7 @@ def standard_report(
             built-in prompt set scored at each prompt's last token; "builtin" text; a file; a text).
         log: called with a short line as each analysis starts (progress on the command line).
         lens: a trained tuned lens (`streamlens lens train`): adds logit-vs-tuned lens figures on the prompt.
+        backend: where the ablation sweeps run (`ablation.backends.choose_backend`; None: here).
     """
     from streamlens import data as D
 
@@ -63,7 +66,7 @@ def standard_report(
     say(f"decomposing {prompt!r}")
     prompt_sections, explained = _prompt_sections(model, tokens, target)
     identity_sections = _identity_sections(model, tokens, target, lens, say)
-    ablation_sections, batch_description = _ablation_sections(model, batch, say)
+    ablation_sections, batch_description = _ablation_sections(model, batch, say, backend)
     ablation_sections.append(_layer_scores_section(model, batch))
     provenance = Provenance.of(model, command_line())
     info = model.info
@@ -170,7 +173,8 @@ def _layer_scores_section(model: "Model", batch: "TokenBatch") -> Section:
         "with spans, swaps, attention vs MLP and self-repair."), stream_score_profile([stream_scores(model, batch)]))
 
 
-def _ablation_sections(model: "Model", batch: "TokenBatch", say: Callable[[str], None]) -> tuple[list[Section], str]:
+def _ablation_sections(model: "Model", batch: "TokenBatch", say: Callable[[str], None],
+                       backend: "Backend | None" = None) -> tuple[list[Section], str]:
     """Remove each attention and MLP sublayer, alone and one after another; direct vs total effect."""
     from streamlens import ablation as A
     from streamlens.plots import ablation as ablation_plots
@@ -180,13 +184,14 @@ def _ablation_sections(model: "Model", batch: "TokenBatch", say: Callable[[str],
 
     def each(effect: str):
         specs = [A.Ablation((site,), ABLATION_METHOD, effect) for site in sublayers]
-        return A.evaluate(model, batch, specs, batch_size=64, command=command)
+        return A.evaluate(model, batch, specs, batch_size=64, command=command, backend=backend)
 
     say(f"ablating {len(sublayers)} sublayers on {batch.description}")
     total, direct = each("total"), each("direct")
     say(f"removing them one after another ({len(sublayers)} steps)")
     order = [sublayers[index] for index in A.by_damage(total)]
-    curve = A.cumulative(model, batch, order, "order", ABLATION_METHOD, "total", batch_size=64, command=command)
+    curve = A.cumulative(model, batch, order, "order", ABLATION_METHOD, "total", batch_size=64, command=command,
+                         backend=backend)
     metric = total.metrics[0]
     what = (f"{ABLATION_METHOD}-ablation (the write is replaced by its mean over the data), measured on "
             f"{html.escape(batch.description)} with 95% bootstrap intervals over texts")

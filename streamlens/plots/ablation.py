@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from streamlens.metrics import UNITS
+from streamlens.metrics import UNITS, metric_index
 from streamlens.plots.style import color, finish
 from streamlens.results import AblationResult, CumulativeAblation
 
@@ -25,9 +25,7 @@ def metric_axis(metric: str) -> str:
 
 def metric_column(result: AblationResult | CumulativeAblation, metric: str) -> int:
     """The column of `metric` in the result's values (fails naming the metrics it has)."""
-    if metric not in result.metrics:
-        raise ValueError(f"metric {metric!r} not in this result: choose from {', '.join(result.metrics)}")
-    return result.metrics.index(metric)
+    return metric_index(result.metrics, metric)
 
 
 def _error_bars(result, column: int) -> dict:

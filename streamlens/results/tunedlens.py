@@ -9,6 +9,7 @@ import torch
 from jaxtyping import Float
 
 from streamlens.results.base import Provenance, Result, frame
+from streamlens.stats import bootstrap_indices, percentile_interval
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -144,10 +145,8 @@ class LensComparison(Result):
         """95% bootstrap interval of the mean KL, resampling texts (each text's tokens weighted equally)."""
         texts = self.text_of.unique()
         per_text = torch.stack([self.kl[:, :, self.text_of == t].mean((-1, -2)) for t in texts], -1)  # [lens, stage, text]
-        generator = torch.Generator().manual_seed(seed)
-        picks = torch.randint(len(texts), (n_boot, len(texts)), generator=generator)
-        boots = per_text[..., picks].mean(-1)  # [lens, stage, boot]
-        return torch.stack([boots.quantile(0.025, -1), boots.quantile(0.975, -1)])
+        boots = per_text[..., bootstrap_indices(len(texts), n_boot, seed)].mean(-1)  # [lens, stage, boot]
+        return torch.stack(percentile_interval(boots))
 
     def to_dataframe(self) -> "pd.DataFrame":
         """One row per (lens, stage): mean KL with its 95% interval, mean rank and top-1 agreement."""
