@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from streamlens.cli import backend as B
+from streamlens.cli.attribution import ESTIMATE, EXACT_TOP, IG_STEPS, check_estimate_options
 from streamlens.cli.common import (MIN_BOOTSTRAP, MODEL_HELP, THREADS_HELP, VERIFY_HELP, app, check_at_least,
                                    check_choice, check_out, fail, parse_ints, progress_bar, use_threads)
 
@@ -70,9 +71,9 @@ def ablate(
     workers: int = B.WORKERS,
     ray_address: str = B.RAY_ADDRESS,
     checkpoint: bool = B.CHECKPOINT,
-    estimate: str = typer.Option("none", "--estimate", help="none (measure each unit); atp: estimate every unit at "
-                                 "once from one forward and backward pass (attribution patching); atp-qk, atpstar: "
-                                 "with AtP*'s fixes (README: Attribution patching)."),
+    estimate: str = ESTIMATE,
+    ig_steps: int = IG_STEPS,
+    exact_top: int = EXACT_TOP,
     verify_top: int = typer.Option(0, "--verify-top", help="With --estimate: re-measure exactly the K units with "
                                    "the largest estimate; writes ablation_verify.csv (side by side)."),
     verify_all: bool = typer.Option(False, "--verify-all", help="With --estimate: re-measure every unit exactly."),
@@ -97,8 +98,7 @@ def ablate(
         prompts = _check_data(data, window, max_windows, positions, metric_list)
     except (ValueError, OSError) as error:
         fail(str(error))
-    if check_choice("--estimate", estimate, ("none", *A.ESTIMATES)) == "none" and (verify_top or verify_all):
-        fail("--verify-top / --verify-all check an estimate: add --estimate atp (or atp-qk, atpstar)")
+    check_estimate_options(estimate, ig_steps, exact_top, verify_top, verify_all)
     if estimate != "none":
         if on_ray:
             fail(f"--estimate {estimate} runs in this process: drop --workers / --ray-address")
@@ -107,7 +107,8 @@ def ablate(
         options = A.EvalOptions(metrics=metric_list, seed=seed, batch_size=batch_size or 16, n_boot=n_boot,
                                 threads=use_threads(threads))
         window, max_windows = (None, None) if prompts else (window or 64, max_windows or 16)
-        return ablate_estimate(options, estimate=estimate, verify_top=verify_top, verify_all=verify_all,
+        return ablate_estimate(options, estimate=estimate, ig_steps=ig_steps, exact_top=exact_top,
+                               verify_top=verify_top, verify_all=verify_all,
                                effect=effect, cumulative=cumulative, model=model, data=data, unit=unit,
                                method=method, layers=layer_list, heads=head_list, positions=positions,
                                device=device, dtype=dtype, window=window or 64, max_windows=max_windows, out=out,
