@@ -15,7 +15,7 @@ PACKAGE = ROOT / "streamlens"
 
 # Top to bottom. A module may import from its own layer and the layers above it, never below.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("__init__", "files", "sites"),                # foundations: no streamlens imports (the package's
+    ("__init__", "files", "sites", "stats"),       # foundations: no streamlens imports (the package's
                                                    # own __init__ loads its exports lazily, by name)
     ("model", "testing"),                          # the only code touching transformer-lens / HF
     ("data",),                                     # text sources, windows, prompt sets
