@@ -6,6 +6,7 @@ estimator and number of steps, with the exact sweep computed ONCE per (kind, met
     python benchmarks/bench_estimates.py frontier --save runs/est        # every estimate, timed, saved
     python benchmarks/bench_estimates.py table --save runs/est            # the Markdown table (+ figure)
     python benchmarks/bench_estimates.py topk --save runs/est --top 10   # --exact-top on the heads
+    python benchmarks/bench_estimates.py memory --save runs/est --window 64 --max-windows 16 --steps 1 --batch-size 16
 
 Small data on purpose (8 windows of 32 tokens): the machine is shared. CPU seconds come from
 `resource.getrusage` (user + system of this process), not wall time.
@@ -147,9 +148,21 @@ def topk(args, folder: Path) -> None:
                   f"{json.loads((folder / f'exact_{kind}_{method}.json').read_text())['cpu']:.1f} s)", flush=True)
 
 
+def memory(args, folder: Path) -> None:
+    """Peak RSS of one estimate (heads, mean) over the loaded model, texts `--batch-size` at a time; run
+    once per batch size, each in a fresh process (the peak is per process)."""
+    model, batch = setup(args)
+    loaded = peak_rss_gb()
+    estimate, steps = ("ig", int(args.steps.split(",")[0]))
+    _, wall, cpu = timed(lambda: A.attribute(model, batch, "head", "mean", estimate=estimate, steps=steps,
+                                             batch_size=args.batch_size, command="bench_estimates memory"))
+    print(f"memory: {batch.description}, batch_size {args.batch_size}, ig-{steps}: peak RSS {peak_rss_gb():.2f} GB "
+          f"(loaded model {loaded:.2f} GB, +{peak_rss_gb() - loaded:.2f} GB); {cpu:.1f} s cpu", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=("exact", "frontier", "table", "topk"))
+    parser.add_argument("stage", choices=("exact", "frontier", "table", "topk", "memory"))
     parser.add_argument("--save", required=True, help="folder of the saved results")
     parser.add_argument("--units", default="head,block,attn,mlp")
     parser.add_argument("--methods", default="mean,resample")
@@ -164,7 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     folder = Path(args.save)
     folder.mkdir(parents=True, exist_ok=True)
-    {"exact": exact, "frontier": frontier, "table": table, "topk": topk}[args.stage](args, folder)
+    {"exact": exact, "frontier": frontier, "table": table, "topk": topk, "memory": memory}[args.stage](args, folder)
 
 
 if __name__ == "__main__":

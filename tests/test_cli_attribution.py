@@ -71,7 +71,7 @@ def test_exact_top_marks_rows_and_finds_the_sweeps_top(tiny_folder, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("--estimate", "atq"), "unknown --estimate 'atq'"),
-    (("--verify-top", "3"), "--verify-top / --verify-all check an estimate"),
+    (("--verify-top", "3"), "--verify-top / --verify-all / --exact-top check an estimate"),
     (("--estimate", "atp", "--effect", "direct"), "the estimate is of the total effect"),
     (("--estimate", "atp", "--cumulative", "order"), "cumulative removal is measured"),
     (("--estimate", "atp", "--metrics", "kl"), "metric 'kl' has no useful gradient"),

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from streamlens import metrics as M
+from streamlens import stats
 from streamlens.ablation.attribute.common import metric_name
 from streamlens.ablation.engine import evaluate
 from streamlens.ablation.options import EvalOptions
@@ -93,39 +94,12 @@ def agreement(estimate: AblationResult, exact: AblationResult, metric: str = "lo
         return result.per_text[[result.units.index(u) for u in common], result.metrics.index(metric)]
 
     guess, truth = pick(estimate), pick(exact)
-    draws = M.bootstrap_indices(guess.shape[1], n_boot, seed)
-    boot_guess, boot_truth = guess[:, draws].mean(-1), truth[:, draws].mean(-1)  # [unit, n_boot]
-
-    def interval(function) -> tuple[float, float, float]:
-        values = torch.stack([function(boot_guess[:, b], boot_truth[:, b]) for b in range(n_boot)])
-        low, high = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=values.dtype))
-        return float(function(guess.mean(-1), truth.mean(-1))), float(low), float(high)
-
+    rho = stats.correlation_ci(guess, truth, "spearman", n_boot=n_boot, seed=seed)
+    r = stats.correlation_ci(guess, truth, "pearson", n_boot=n_boot, seed=seed)
     damage_guess, damage_truth = M.damage(metric, guess.mean(-1)), M.damage(metric, truth.mean(-1))
     top = min(top, len(common))
     found = set(torch.argsort(damage_truth, descending=True)[:top].tolist())
     found &= set(torch.argsort(damage_guess, descending=True)[:among].tolist())
-    return Agreement(metric, len(common), interval(_spearman), interval(_pearson), len(found) / top, top, among,
+    return Agreement(metric, len(common), rho, r, len(found) / top, top, among,
                      float((guess.mean(-1) - truth.mean(-1)).abs().max()))
 
-
-def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    return (x * y).sum() / (x.norm() * y.norm()).clamp_min(1e-300)
-
-
-def _spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return _pearson(_ranks(x), _ranks(y))
-
-
-def _ranks(values: torch.Tensor) -> torch.Tensor:
-    """Ranks 0..n-1 with ties given their average rank."""
-    order = torch.argsort(values, stable=True)
-    ranks = torch.empty_like(values, dtype=torch.float64)
-    ranks[order] = torch.arange(len(values), dtype=torch.float64)
-    unique, inverse = torch.unique(values, return_inverse=True)
-    if len(unique) < len(values):
-        sums = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, ranks)
-        counts = torch.bincount(inverse, minlength=len(unique)).double()
-        ranks = (sums / counts)[inverse]
-    return ranks

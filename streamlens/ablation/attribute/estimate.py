@@ -85,34 +85,9 @@ def attribute(
     specs = [Ablation((site,), method, "total").check(model) for site in chosen]
     started = time.perf_counter()
     writes = sorted({w for spec in specs for w in spec.writes}, key=stream_order)
-    chunk = min(options.batch_size, batch.n_texts)
-    shape = (len(specs), len(names), batch.n_texts)
-    per_text, error = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
-    dropped = torch.zeros(model.n_layers, *shape, dtype=torch.float64)
-    clean_loss = torch.zeros(batch.n_texts, dtype=torch.float64)
     with options.torch_threads():
-        with torch.inference_mode():
-            means = R.means(model, batch, writes, chunk) if method == "mean" else {}
-        for start in range(0, batch.n_texts, chunk):
-            rows = slice(start, min(start + chunk, batch.n_texts))
-            with torch.inference_mode():
-                donor = (R.donor_writes(model, batch, rows, writes, R.donor_rows(batch.n_texts, options.seed))
-                         if method == "resample" else {})
-            replacements = R.replacements(model, method, writes, means, donor)
-            part = batch.rows(rows)
-            if estimate in ("ig", "second-order"):
-                path = PathChunk(model, part, chosen, names, replacements)
-                per_text[:, :, rows], error[:, :, rows] = _along_path(path, estimate, steps)
-                clean_loss[rows] = path.clean_loss
-            else:
-                atp = AtpChunk(model, part, chosen, writes, names, replacements, estimate)
-                per_text[:, :, rows], clean_loss[rows] = atp.estimate(), atp.clean_loss
-                if estimate == "atpstar":
-                    dropped[:, :, :, rows] = atp.grad_drop()
-                if estimate != "atp":
-                    per_text[:, :, rows] += atp.qk_fix(options.batch_size)
-            if progress is not None:
-                progress(1)
+        per_text, error, dropped, clean_loss = _per_text(model, batch, chosen, writes, names, method, estimate,
+                                                         steps, options, progress)
     values, low, high = M.bootstrap_ci(per_text, n_boot=options.n_boot, seed=options.seed)
     cancellation = None
     if estimate == "atpstar":
@@ -127,6 +102,40 @@ def attribute(
         estimate=method_label(estimate, steps), cancellation=cancellation,
         error_bar=error.mean(-1).abs() if has_bar else None,
     )
+
+
+def _per_text(model: Model, batch: TokenBatch, chosen: list, writes: list, names: tuple[str, ...], method: str,
+              estimate: str, steps: int, options: EvalOptions, progress: Progress | None) -> tuple:
+    """Chunk by chunk of texts: (estimate, signed diagnostic) [unit, metric, text], GradDrop's
+    [layer, unit, metric, text] (zeros unless atpstar) and the clean loss [text]."""
+    chunk = min(options.batch_size, batch.n_texts)
+    shape = (len(chosen), len(names), batch.n_texts)
+    per_text, error = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+    dropped = torch.zeros(model.n_layers, *shape, dtype=torch.float64)
+    clean_loss = torch.zeros(batch.n_texts, dtype=torch.float64)
+    with torch.inference_mode():
+        means = R.means(model, batch, writes, chunk) if method == "mean" else {}
+    for start in range(0, batch.n_texts, chunk):
+        rows = slice(start, min(start + chunk, batch.n_texts))
+        with torch.inference_mode():
+            donor = (R.donor_writes(model, batch, rows, writes, R.donor_rows(batch.n_texts, options.seed))
+                     if method == "resample" else {})
+        replacements = R.replacements(model, method, writes, means, donor)
+        part = batch.rows(rows)
+        if estimate in ("ig", "second-order"):
+            path = PathChunk(model, part, chosen, names, replacements)
+            per_text[:, :, rows], error[:, :, rows] = _along_path(path, estimate, steps)
+            clean_loss[rows] = path.clean_loss
+        else:
+            atp = AtpChunk(model, part, chosen, writes, names, replacements, estimate)
+            per_text[:, :, rows], clean_loss[rows] = atp.estimate(), atp.clean_loss
+            if estimate == "atpstar":
+                dropped[:, :, :, rows] = atp.grad_drop()
+            if estimate != "atp":
+                per_text[:, :, rows] += atp.qk_fix(options.batch_size)
+        if progress is not None:
+            progress(1)
+    return per_text, error, dropped, clean_loss
 
 
 def _along_path(path: PathChunk, estimate: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
