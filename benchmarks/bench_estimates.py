@@ -6,6 +6,7 @@ estimator and number of steps, with the exact sweep computed ONCE per (kind, met
     python benchmarks/bench_estimates.py frontier --save runs/est        # every estimate, timed, saved
     python benchmarks/bench_estimates.py table --save runs/est            # the Markdown table (+ figure)
     python benchmarks/bench_estimates.py topk --save runs/est --top 10   # --exact-top on the heads
+    python benchmarks/bench_estimates.py replay --save runs/est --top 10  # the stop rule on the saved sweeps
     python benchmarks/bench_estimates.py memory --save runs/est --window 64 --max-windows 16 --steps 1 --batch-size 16
 
 Small data on purpose (8 windows of 32 tokens): the machine is shared. CPU seconds come from
@@ -148,6 +149,28 @@ def topk(args, folder: Path) -> None:
                   f"{json.loads((folder / f'exact_{kind}_{method}.json').read_text())['cpu']:.1f} s)", flush=True)
 
 
+def replay(args, folder: Path) -> None:
+    """`exact_top`'s stop rule replayed on the saved exact sweep (no model: measuring a unit = reading its
+    exact value, which `evaluate` reproduces to 1e-12): how many exact evaluations each saved estimate
+    would need to settle the exact top K, and whether the top K it returns is the sweep's."""
+    from streamlens.ablation.attribute.topk import settle
+
+    for path in sorted(folder.glob("estimate_*.safetensors")):
+        kind, method, label = path.stem.split("_")[1:4]
+        exact_path = folder / f"exact_{kind}_{method}.safetensors"
+        if not exact_path.exists():
+            continue
+        estimate, exact = AblationResult.load(path), AblationResult.load(exact_path)
+        truth_damage = exact.values[[exact.units.index(u) for u in estimate.units], 0]  # loss increase: damage
+        damage, bound, done = settle(estimate.values[:, 0], lambda rows: [float(truth_damage[r]) for r in rows],
+                                     args.top)
+        found = sorted(damage, key=lambda row: -damage[row])[: args.top]
+        truth = torch.argsort(truth_damage, descending=True)[: args.top].tolist()
+        print(f"| {kind} | {method} | {label} | {len(damage)} of {len(estimate.units)} "
+              f"({len(damage) / len(estimate.units):.2f}) | {'yes' if done else 'no'} | {bound:.3f} | "
+              f"{'yes' if found == truth else 'NO'} |")
+
+
 def memory(args, folder: Path) -> None:
     """Peak RSS of one estimate (heads, mean) over the loaded model, texts `--batch-size` at a time; run
     once per batch size, each in a fresh process (the peak is per process)."""
@@ -162,7 +185,7 @@ def memory(args, folder: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=("exact", "frontier", "table", "topk", "memory"))
+    parser.add_argument("stage", choices=("exact", "frontier", "table", "topk", "replay", "memory"))
     parser.add_argument("--save", required=True, help="folder of the saved results")
     parser.add_argument("--units", default="head,block,attn,mlp")
     parser.add_argument("--methods", default="mean,resample")
@@ -177,7 +200,7 @@ def main() -> None:
     args = parser.parse_args()
     folder = Path(args.save)
     folder.mkdir(parents=True, exist_ok=True)
-    {"exact": exact, "frontier": frontier, "table": table, "topk": topk, "memory": memory}[args.stage](args, folder)
+    {"exact": exact, "frontier": frontier, "table": table, "topk": topk, "replay": replay, "memory": memory}[args.stage](args, folder)
 
 
 if __name__ == "__main__":

@@ -386,6 +386,7 @@ def test_exact_top_is_the_full_sweeps_top(tiny, seed):
     full = A.sweep(tiny, batch, "head", "mean", n_boot=20)
     truth = [full.units[i] for i in A.by_damage(full, "loss_increase")[::-1][:3]]
     assert list(run.top) == truth and 3 <= run.evaluations <= run.n_units == len(full.units)
+    assert run.settled and run.evaluations < run.n_units  # the bound stopped it early (6-11 of 12 here)
     assert int(run.result.measured.sum()) == run.evaluations
     for row, unit in enumerate(run.result.units):
         source = full if run.result.measured[row] else estimate

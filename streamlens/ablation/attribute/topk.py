@@ -20,6 +20,7 @@ in estimate order).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,25 @@ def settled(estimated: torch.Tensor, exact: dict[int, float], order: list[int], 
     return (not rest or max(rest) + bound < threshold), bound
 
 
+def settle(estimated: torch.Tensor, measure: Callable[[list[int]], list[float]], top: int, safety: float = 1.5,
+           check: int = 3) -> tuple[dict[int, float], float, bool]:
+    """The measuring loop of `exact_top` on damages: `measure(rows)` returns the exact damages of those
+    rows. Returns ({row: exact damage} of the measured rows, the bound at the stop, whether the bound
+    stopped it with units left unmeasured)."""
+    order = [int(i) for i in torch.argsort(estimated, descending=True, stable=True)]
+    damage: dict[int, float] = {}
+    checking, round_size, bound, done = None, top, 0.0, False
+    while not done and len(damage) < len(order):
+        rows = [row for row in order if row not in damage][: (check if checking is not None else round_size)]
+        damage.update(zip(rows, measure(rows)))
+        round_size = max(1, top // 2)
+        ok, bound = settled(estimated, damage, order, top, safety)
+        if ok and (checking is not None or check == 0 or len(damage) == len(order)):
+            done = True
+        checking = len(damage) if ok else None
+    return damage, bound, done and len(damage) < len(order)
+
+
 def exact_top(
     model: Model,
     batch: TokenBatch,
@@ -92,22 +112,16 @@ def exact_top(
     options = EvalOptions.of(options, metrics=estimate.metrics)
     column = estimate.metrics.index(name)
     estimated = M.damage(name, estimate.values[:, column])
-    order = [int(i) for i in torch.argsort(estimated, descending=True, stable=True)]
     measured: dict[int, AblationResult] = {}
-    damage: dict[int, float] = {}
-    checking, round_size, bound, done = None, top, 0.0, False
-    while not done and len(measured) < n_units:
-        rows = [row for row in order if row not in measured][: (check if checking is not None else round_size)]
+
+    def measure(rows: list[int]) -> list[float]:
         specs = [Ablation(estimate.sites[row], estimate.methods[row], "total") for row in rows]
         exact = evaluate(model, batch, specs, options, progress=progress, command=command)
         for index, row in enumerate(rows):
             measured[row] = _row(exact, index)
-            damage[row] = float(M.damage(name, exact.values[index, column]))
-        round_size = max(1, top // 2)
-        ok, bound = settled(estimated, damage, order, top, safety)
-        if ok and (checking is not None or check == 0 or len(measured) == n_units):
-            done = True
-        checking = len(measured) if ok else None
+        return [float(M.damage(name, exact.values[index, column])) for index in range(len(rows))]
+
+    damage, bound, done = settle(estimated, measure, top, safety, check)
     result = _merged(estimate, measured)
     best = sorted(damage, key=lambda row: -damage[row])[:top]
     return ExactTop(result, name, tuple(estimate.units[row] for row in best), len(measured), n_units, bound, done)
