@@ -100,7 +100,7 @@ def _units(model, kind):
 @pytest.mark.parametrize("kind", A.UNIT_KINDS)
 def test_estimate_is_the_derivative_of_the_exact_effect(tiny, windows, kind, method):
     """Central differences along write -> replacement equal the estimate (gradients == finite differences)."""
-    result = A.attribute(tiny, windows, kind, method, seed=2, n_boot=20, batch_size=3)  # chunks of texts
+    result = A.attribute(tiny, windows, kind, method, seed=2, n_boot=40, batch_size=3)  # chunks of texts
     assert isinstance(result, AblationResult) and result.estimate == "atp" and result.metrics == ("loss_increase",)
     alpha = 1e-3  # not smaller: HF attention takes its softmax in float32, so differences of 1e-5 drown
     for unit in _units(tiny, kind):
@@ -114,11 +114,11 @@ def test_estimate_is_the_derivative_of_the_exact_effect(tiny, windows, kind, met
 def test_estimate_and_exact_agree_as_the_replacement_shrinks(tiny, windows):
     """(exact effect of write + alpha * delta) / alpha -> estimate, with error O(alpha); at alpha = 1 the
     hand-made replacement gives the engine's exact numbers (so the reference is the engine's ablation)."""
-    result = A.attribute(tiny, windows, "head", "mean", n_boot=20)
+    result = A.attribute(tiny, windows, "head", "mean", n_boot=40)
     unit = Site("head", 0, 1)
     deltas = _deltas(tiny, windows, unit, "mean")
     clean = _metric_per_text(tiny, windows, deltas, 0.0, "loss_increase")
-    exact = A.evaluate(tiny, windows, [A.Ablation((unit,), "mean")], n_boot=20)
+    exact = A.evaluate(tiny, windows, [A.Ablation((unit,), "mean")], n_boot=40)
     full = _metric_per_text(tiny, windows, deltas, 1.0, "loss_increase") - clean
     assert (full - exact.per_text[0, 0]).abs().max() < 1e-9
     estimate = result.per_text[result.units.index(unit.label), 0]
@@ -137,7 +137,7 @@ def test_linear_path_is_exact(tiny):
     prompts = [("w3 w4 w5", "w9"), ("w7 w8 w9 w10", "w11"), ("w12 w13", "w20")]
     batch = prompt_batch(tiny, prompts)
     unit = Site("mlp", tiny.n_layers - 1)
-    result = A.attribute(tiny, batch, "mlp", "zero", layers=[unit.layer], n_boot=20)
+    result = A.attribute(tiny, batch, "mlp", "zero", layers=[unit.layer], n_boot=40)
     assert result.metrics == A.GRADIENT_METRICS
     final = tiny.run_to(batch.tokens, sites.FINAL_STREAM).detach().requires_grad_(True)
     write = _clean_writes(tiny, batch.tokens, [unit])[unit]
@@ -147,7 +147,7 @@ def test_linear_path_is_exact(tiny):
     (gradient,) = torch.autograd.grad(logit.sum(), final)
     expected = (-write * gradient).sum(dim=(1, 2))
     assert (result.per_text[0, 1] - expected).abs().max() < 1e-10
-    direct, total = (A.evaluate(tiny, batch, [A.Ablation((unit,), "zero", e)], n_boot=20) for e in ("direct", "total"))
+    direct, total = (A.evaluate(tiny, batch, [A.Ablation((unit,), "zero", e)], n_boot=40) for e in ("direct", "total"))
     assert (direct.per_text - total.per_text).abs().max() < 1e-10
     # first order along the (here linear) path: exact / alpha -> estimate
     deltas = {unit: (write, -write)}
@@ -159,7 +159,7 @@ def test_linear_path_is_exact(tiny):
 
 def test_block_uses_the_gradient_after_the_block(tiny, windows):
     """A block replaces attn and mlp together: its estimate is the derivative along both changes at once."""
-    result = A.attribute(tiny, windows, "block", "zero", n_boot=20)
+    result = A.attribute(tiny, windows, "block", "zero", n_boot=40)
     unit = Site("block", 1)
     deltas = _deltas(tiny, windows, unit, "zero")
     alpha = 1e-3
@@ -168,8 +168,8 @@ def test_block_uses_the_gradient_after_the_block(tiny, windows):
     assert set(deltas) == {Site("attn", 1), Site("mlp", 1)}
     assert (result.per_text[1, 0] - slope).abs().max() < 1e-5
     # and it is not the sum of the attn and mlp estimates (those let the MLP react to attn)
-    apart = A.attribute(tiny, windows, "attn", "zero", n_boot=20).per_text[1, 0] + \
-        A.attribute(tiny, windows, "mlp", "zero", n_boot=20).per_text[1, 0]
+    apart = A.attribute(tiny, windows, "attn", "zero", n_boot=40).per_text[1, 0] + \
+        A.attribute(tiny, windows, "mlp", "zero", n_boot=40).per_text[1, 0]
     assert (apart - slope).abs().max() > 1e-4
 
 
@@ -181,12 +181,12 @@ def test_metrics_without_gradient_are_refused(tiny, windows):
 
 
 def test_result_is_marked_and_round_trips(tiny, windows, tmp_path):
-    result = A.attribute(tiny, windows, "attn", "mean", n_boot=20, estimate="atpstar")
+    result = A.attribute(tiny, windows, "attn", "mean", n_boot=40, estimate="atpstar")
     table = result.to_dataframe()
     assert set(table["estimate"]) == {"atpstar"} and "graddrop_score" in table
     back = AblationResult.load(result.save(tmp_path / "atp.safetensors"))
     assert back.estimate == "atpstar" and torch.equal(back.cancellation, result.cancellation)
-    exact = A.sweep(tiny, windows, "attn", "mean", n_boot=20)
+    exact = A.sweep(tiny, windows, "attn", "mean", n_boot=40)
     assert "estimate" not in exact.to_dataframe()
     assert not tiny.has_hooks()
 
@@ -194,14 +194,14 @@ def test_result_is_marked_and_round_trips(tiny, windows, tmp_path):
 def test_graddrop_and_qk_fix(tiny, windows):
     """GradDrop: a last-layer MLP's gradient passes no other layer, so its score is |estimate|; the QK
     fix changes nothing for units with no attention after them and something for early heads."""
-    plain = A.attribute(tiny, windows, "head", "mean", n_boot=20)
-    star = A.attribute(tiny, windows, "head", "mean", n_boot=20, estimate="atpstar")
+    plain = A.attribute(tiny, windows, "head", "mean", n_boot=40)
+    star = A.attribute(tiny, windows, "head", "mean", n_boot=40, estimate="atpstar")
     last = [i for i, unit in enumerate(plain.units) if unit.startswith(f"L{tiny.n_layers - 1}H")]
     assert torch.allclose(star.per_text[last], plain.per_text[last], atol=1e-12)
     first = [i for i, unit in enumerate(plain.units) if unit.startswith("L0H")]
     # tiny gpt2 (init std 0.02) has nearly uniform patterns: its QK terms are ~1e-10, but not zero
     assert (star.per_text[first] - plain.per_text[first]).abs().max() > 1e-13
-    mlp = A.attribute(tiny, windows, "mlp", "zero", n_boot=20, estimate="atpstar")
+    mlp = A.attribute(tiny, windows, "mlp", "zero", n_boot=40, estimate="atpstar")
     assert torch.allclose(mlp.cancellation[-1], mlp.values[-1].abs(), atol=1e-12)
     assert (mlp.cancellation[0] - mlp.values[0].abs()).abs().max() > 1e-8
 
@@ -209,20 +209,20 @@ def test_graddrop_and_qk_fix(tiny, windows):
 def test_qk_fix_stays_close_to_exact(tiny, windows):
     """A sanity bound only: on these (unsaturated) random models the QK-fixed estimate is not far
     worse than plain AtP against the exact engine."""
-    star = A.attribute(tiny, windows, "head", "zero", n_boot=20, estimate="atp-qk")
-    plain = A.attribute(tiny, windows, "head", "zero", n_boot=20)
-    exact = A.sweep(tiny, windows, "head", "zero", n_boot=20)
+    star = A.attribute(tiny, windows, "head", "zero", n_boot=40, estimate="atp-qk")
+    plain = A.attribute(tiny, windows, "head", "zero", n_boot=40)
+    exact = A.sweep(tiny, windows, "head", "zero", n_boot=40)
     err_plain = (plain.values - exact.values).abs().mean()
     err_star = (star.values - exact.values).abs().mean()
     assert err_star < 2 * err_plain  # never far worse on these random models
 
 
 def test_verify_and_agreement(tiny, windows):
-    estimate = A.attribute(tiny, windows, "head", "mean", n_boot=20)
-    exact = A.verify(tiny, windows, estimate, top=4, n_boot=20)
+    estimate = A.attribute(tiny, windows, "head", "mean", n_boot=40)
+    exact = A.verify(tiny, windows, estimate, top=4, n_boot=40)
     order = ranking(estimate)
     assert exact.units == tuple(estimate.units[i] for i in order[:4]) and not exact.estimate
-    full = A.sweep(tiny, windows, "head", "mean", n_boot=20)
+    full = A.sweep(tiny, windows, "head", "mean", n_boot=40)
     for unit in exact.units:
         assert exact.value(unit) == pytest.approx(full.value(unit), abs=1e-12)
     same = A.agreement(full, full, n_boot=50)
@@ -238,8 +238,8 @@ def test_qk_fix_terms_match_hooked_finite_differences(tiny, windows):
     the write change added to resid_pre L', and derivatives of M along pattern changes by central
     differences."""
     unit = Site("mlp", 0)
-    plain = A.attribute(tiny, windows, "mlp", "zero", layers=[0], n_boot=20)
-    fixed = A.attribute(tiny, windows, "mlp", "zero", layers=[0], n_boot=20, estimate="atp-qk")
+    plain = A.attribute(tiny, windows, "mlp", "zero", layers=[0], n_boot=40)
+    fixed = A.attribute(tiny, windows, "mlp", "zero", layers=[0], n_boot=40, estimate="atp-qk")
     clean_write = _clean_writes(tiny, windows.tokens, [unit])[unit]
     delta = -clean_write
 
@@ -275,3 +275,136 @@ def test_qk_fix_terms_match_hooked_finite_differences(tiny, windows):
     if tiny.info.norm == "rms":  # tiny gpt2 (init std 0.02) has nearly uniform patterns: terms ~1e-10
         assert expected.abs().max() > 1e-6  # the fix does something here
     assert (difference - expected).abs().max() < 1e-5 * (1 + expected.abs().max())
+
+
+# ----- integrated gradients, the second-order term, exact top K ----------------------------------------
+def _lone(model, kind):
+    """(layers, heads, unit) choosing one unit, so that the estimate's path is that unit's own path."""
+    if kind == "head":
+        return [1], [2], Site("head", 1, 2)
+    return [1], None, Site(kind, 1)
+
+
+def _slope(model, batch, deltas, alpha, eps=1e-3):
+    return (_metric_per_text(model, batch, deltas, alpha + eps, "loss_increase")
+            - _metric_per_text(model, batch, deltas, alpha - eps, "loss_increase")) / (2 * eps)
+
+
+@pytest.mark.parametrize("method", ["zero", "mean", "resample"])
+@pytest.mark.parametrize("kind", A.UNIT_KINDS)
+def test_ig_is_the_left_riemann_sum_of_finite_differences(tiny, windows, kind, method):
+    """For a lone unit, IG_N = 1/N sum_k dM/dalpha(k/N) along write -> replacement (the left rule), with
+    the derivatives by central differences on hand-made hooks; N = 1 is AtP; the error bar is
+    |IG_N - IG_{N/2}|."""
+    layers, heads, unit = _lone(tiny, kind)
+    deltas = _deltas(tiny, windows, unit, method, seed=2)
+    result = A.attribute(tiny, windows, kind, method, layers, heads, seed=2, n_boot=40, estimate="ig", steps=4)
+    assert result.units == (unit.label,) and result.estimate == "ig-4"
+    slopes = [_slope(tiny, windows, deltas, k / 4) for k in range(4)]
+    expected = sum(slopes) / 4
+    assert (result.per_text[0, 0] - expected).abs().max() < 1e-5 * (1 + expected.abs().max())
+    half = (slopes[0] + slopes[2]) / 2
+    assert float(result.error_bar[0, 0]) == pytest.approx(float((expected - half).mean().abs()), abs=1e-6)
+    atp = A.attribute(tiny, windows, kind, method, layers, heads, seed=2, n_boot=40)
+    ig1 = A.attribute(tiny, windows, kind, method, layers, heads, seed=2, n_boot=40, estimate="ig", steps=1)
+    assert torch.allclose(ig1.per_text, atp.per_text, atol=1e-12, rtol=0) and ig1.error_bar is None
+
+
+@pytest.mark.parametrize("method", ["zero", "mean", "resample"])
+@pytest.mark.parametrize("kind", A.UNIT_KINDS)
+def test_second_order_matches_finite_differences(tiny, windows, kind, method):
+    """For a lone unit: first + second = dM/dalpha(0) + 1/2 d2M/dalpha2(0) by central differences; the
+    error bar is the second-order term's size."""
+    layers, heads, unit = _lone(tiny, kind)
+    deltas = _deltas(tiny, windows, unit, method, seed=2)
+    result = A.attribute(tiny, windows, kind, method, layers, heads, seed=2, n_boot=40, estimate="second-order")
+    eps = 2e-2
+    values = [_metric_per_text(tiny, windows, deltas, a, "loss_increase") for a in (-eps, 0.0, eps)]
+    slope = (values[2] - values[0]) / (2 * eps)
+    curvature = (values[2] - 2 * values[1] + values[0]) / eps ** 2
+    expected = slope + curvature / 2
+    assert (result.per_text[0, 0] - expected).abs().max() < 1e-3 * (1 + curvature.abs().max())
+    assert float(result.error_bar[0, 0]) == pytest.approx(float((curvature / 2).mean().abs()),
+                                                          abs=1e-3 * (1 + float(curvature.abs().max())))
+    if tiny.info.norm == "rms":  # tiny gpt2 (init std 0.02) is nearly linear: its curvature is ~1e-9
+        assert curvature.abs().max() > 1e-4  # the term is not trivially zero here
+
+
+@pytest.mark.parametrize("unit", [Site("mlp", 2), Site("block", 0), Site("head", 0, 1)])
+def test_ig_converges_to_the_exact_effect_of_a_lone_unit(tiny, windows, unit):
+    """The path integral is exact for a lone unit: |IG_N - exact| falls like 1/N (left rule: halves
+    when N doubles) and the free error bar |IG_N - IG_{N/2}| has the size of the error. The last MLP
+    reaches the logits along a linear path up to the final norm; block 0 and head L0H1 do not."""
+    heads = None if unit.head is None else [unit.head]
+    exact = A.evaluate(tiny, windows, [A.Ablation((unit,), "zero")], n_boot=40).per_text[0, 0]
+    errors, bars = [], []
+    for steps in (8, 16, 32):
+        ig = A.attribute(tiny, windows, unit.kind, "zero", [unit.layer], heads, n_boot=40, estimate="ig", steps=steps)
+        errors.append(float((ig.per_text[0, 0] - exact).mean().abs()))
+        bars.append(float(ig.error_bar[0, 0]))
+    atp = A.attribute(tiny, windows, unit.kind, "zero", [unit.layer], heads, n_boot=40).per_text[0, 0]
+    assert float((atp - exact).mean().abs()) > 4 * errors[-1]
+    assert 1.6 < errors[0] / errors[1] < 2.4 and 1.6 < errors[1] / errors[2] < 2.4
+    assert 0.5 < bars[-1] / errors[-1] < 2
+
+
+def test_batched_estimates_equal_unbatched(tiny, windows):
+    for estimate, steps in (("ig", 2), ("second-order", 1)):
+        whole = A.attribute(tiny, windows, "head", "resample", n_boot=40, estimate=estimate, steps=steps, batch_size=4)
+        parts = A.attribute(tiny, windows, "head", "resample", n_boot=40, estimate=estimate, steps=steps, batch_size=1)
+        assert torch.allclose(whole.per_text, parts.per_text, atol=1e-12, rtol=0)
+        assert torch.allclose(whole.error_bar, parts.error_bar, atol=1e-12, rtol=0)
+
+
+def test_bad_steps_are_refused(tiny, windows):
+    for steps, message in ((0, "ig steps 0 must be"), (True, "ig steps True must be"), (300, "ig steps 300")):
+        with pytest.raises(ValueError, match=message):
+            A.attribute(tiny, windows, "mlp", "zero", estimate="ig", steps=steps)
+    with pytest.raises(ValueError, match="steps apply to estimate 'ig' only"):
+        A.attribute(tiny, windows, "mlp", "zero", estimate="atp", steps=4)
+
+
+def test_stop_rule():
+    """settled: the next estimate + safety * the largest measured error must fall below the K-th exact."""
+    from streamlens.ablation.attribute.topk import settled
+
+    estimated = torch.tensor([5.0, 4.0, 3.0, 1.0, 0.5])
+    order = [0, 1, 2, 3, 4]
+    assert settled(estimated, {0: 5.2, 1: 3.9}, order, 2, 1.5) == (True, pytest.approx(0.3))  # 3 + 0.3 < 3.9
+    assert settled(estimated, {0: 5.2, 1: 3.1}, order, 2, 1.5)[0] is False  # 3 + 1.35 >= 3.1
+    assert settled(estimated, {0: 5.0}, order, 2, 1.5)[0] is False  # fewer than K measured
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_top_is_the_full_sweeps_top(tiny, seed):
+    """On random data, the exact top K from the estimate's order equals the full sweep's top K (set and
+    order), its measured rows carry the sweep's exact numbers and the rest the estimate's."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = window_batch(torch.randint(3, 64, (4, 8), generator=generator))
+    estimate = A.attribute(tiny, batch, "head", "mean", n_boot=40, estimate="ig", steps=2)
+    run = A.exact_top(tiny, batch, estimate, top=3, n_boot=40)
+    full = A.sweep(tiny, batch, "head", "mean", n_boot=40)
+    truth = [full.units[i] for i in A.by_damage(full, "loss_increase")[::-1][:3]]
+    assert list(run.top) == truth and 3 <= run.evaluations <= run.n_units == len(full.units)
+    assert run.settled and run.evaluations < run.n_units  # the bound stopped it early (6-11 of 12 here)
+    assert int(run.result.measured.sum()) == run.evaluations
+    for row, unit in enumerate(run.result.units):
+        source = full if run.result.measured[row] else estimate
+        assert run.result.values[row, 0] == pytest.approx(float(source.values[source.units.index(unit), 0]), abs=1e-12)
+    table = run.result.to_dataframe()
+    assert set(table["source"]) <= {"exact", "estimate"} and (table["source"] == "exact").sum() == run.evaluations
+
+
+def test_exact_top_refuses_bad_k(tiny, windows):
+    estimate = A.attribute(tiny, windows, "mlp", "zero", n_boot=40)
+    for top in (0, 4, True):
+        with pytest.raises(ValueError, match=f"exact top {top!r} must be from 1 to the 3 units"):
+            A.exact_top(tiny, windows, estimate, top=top)
+
+
+def test_error_bar_and_measured_round_trip(tiny, windows, tmp_path):
+    estimate = A.attribute(tiny, windows, "mlp", "mean", n_boot=40, estimate="ig", steps=2)
+    run = A.exact_top(tiny, windows, estimate, top=1, n_boot=40)
+    back = AblationResult.load(run.result.save(tmp_path / "top.safetensors"))
+    assert torch.equal(back.measured, run.result.measured) and torch.equal(back.error_bar, run.result.error_bar)
+    assert "estimate_error" in back.to_dataframe() and back.estimate == "ig-2"

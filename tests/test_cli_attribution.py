@@ -46,12 +46,40 @@ def test_estimate_with_verification_writes_both_side_by_side(tiny_folder, tmp_pa
     assert "Estimated (atp)" in html and "estimate (atp) vs exact" in html
 
 
+def test_exact_top_marks_rows_and_finds_the_sweeps_top(tiny_folder, tmp_path):
+    """--estimate ig --exact-top 3: every row says exact or estimate, the measured rows hold the exact
+    sweep's numbers, and the printed top 3 is the sweep's."""
+    out, sweep_out = tmp_path / "out", tmp_path / "sweep"
+    common = ("--model", tiny_folder, "--dtype", "float64", "--unit", "head", "--method", "mean", "--data", TEXT,
+              "--window", "8", "--bootstrap", "100")
+    result = _run(*common, "--estimate", "ig", "--ig-steps", "2", "--exact-top", "3", "--out", out)
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "ablation.csv")
+    assert set(table["source"]) <= {"exact", "estimate"} and set(table["estimate"]) == {"ig-2"}
+    assert "estimate_error" in table and (table.loc[table["source"] == "exact", "estimate_error"] == 0).all()
+    meta = json.loads((out / "ablation.json").read_text())
+    assert meta["exact_top"]["evaluations"] == (table["source"] == "exact").sum() and meta["estimate"] == "ig-2"
+    assert "How far to trust each row" in (out / "ablation.html").read_text()
+    assert _run(*common, "--out", sweep_out).exit_code == 0
+    sweep = pd.read_csv(sweep_out / "ablation.csv")
+    sweep = sweep[sweep["metric"] == "loss_increase"].set_index("unit")["value"]
+    for unit, value in table[table["source"] == "exact"].set_index("unit")["value"].items():
+        assert value == pytest.approx(sweep[unit], abs=1e-9)
+    top = sweep.sort_values(ascending=False).index[:3].tolist()
+    assert f"exact top 3: {', '.join(top)}" in " ".join(result.output.split())
+
+
 @pytest.mark.parametrize("args, message", [
     (("--estimate", "atq"), "unknown --estimate 'atq'"),
-    (("--verify-top", "3"), "--verify-top / --verify-all check an estimate"),
+    (("--verify-top", "3"), "--verify-top / --verify-all / --exact-top check an estimate"),
     (("--estimate", "atp", "--effect", "direct"), "the estimate is of the total effect"),
     (("--estimate", "atp", "--cumulative", "order"), "cumulative removal is measured"),
     (("--estimate", "atp", "--metrics", "kl"), "metric 'kl' has no useful gradient"),
+    (("--estimate", "atp", "--ig-steps", "4"), "--ig-steps 4 applies to --estimate ig only"),
+    (("--estimate", "ig", "--ig-steps", "0"), "ig steps 0 must be an integer from 1 to 256"),
+    (("--exact-top", "3"), "--exact-top check an estimate"),
+    (("--estimate", "ig", "--exact-top", "-1"), "--exact-top -1 must be at least 1"),
+    (("--estimate", "ig", "--exact-top", "2", "--verify-top", "2"), "drop --verify-top"),
 ])
 def test_bad_combinations_exit_2_before_any_work(tiny_folder, tmp_path, args, message):
     out = tmp_path / "never"

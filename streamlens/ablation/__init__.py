@@ -30,20 +30,21 @@ Modules, each importing only those before it: `spec` (what an ablation is), `opt
 `apply` (hooks and the `ablated` context manager), `engine` (fast evaluation, sweeps), `checkpoint`
 (shards of a call, and the files that let a killed run resume), `backends` (the shards in this
 process or on Ray workers), `attribute`
-(first-order estimates of every unit at once: AtP, AtP*, checked against the engine).
+(a package: estimates of every unit at once, AtP, AtP*, integrated gradients, second order, checked
+against the engine, and the exact top K measured in the estimate's order).
 """
 
 from streamlens.ablation.apply import ablated
 from streamlens.ablation.backends import LocalBackend, RayBackend
 from streamlens.ablation.checkpoint import Checkpoint, CheckpointMismatch
 from streamlens.ablation.engine import by_damage, cumulative, cumulative_evaluations, evaluate, sweep
-from streamlens.ablation.attribute import ESTIMATES, GRADIENT_METRICS, agreement, attribute, verify
+from streamlens.ablation.attribute import (ESTIMATES, GRADIENT_METRICS, ExactTop, agreement, attribute, exact_top,
+                                          method_label, verify)
 from streamlens.ablation.options import MIN_BOOTSTRAP, EvalOptions, check_n_boot
 from streamlens.ablation.replace import donor_rows
 from streamlens.ablation.spec import CUMULATIVE_MODES, EFFECTS, METHODS, UNIT_KINDS, Ablation, units
 
 __all__ = ["CUMULATIVE_MODES", "EFFECTS", "ESTIMATES", "GRADIENT_METRICS", "METHODS", "MIN_BOOTSTRAP", "UNIT_KINDS",
-           "Ablation",
-           "Checkpoint", "CheckpointMismatch", "EvalOptions", "LocalBackend", "RayBackend", "ablated", "agreement",
-           "attribute", "by_damage", "check_n_boot", "cumulative", "cumulative_evaluations", "donor_rows", "evaluate", "sweep", "units",
-           "verify"]
+           "Ablation", "Checkpoint", "CheckpointMismatch", "EvalOptions", "ExactTop", "LocalBackend", "RayBackend",
+           "ablated", "agreement", "attribute", "by_damage", "check_n_boot", "cumulative", "cumulative_evaluations",
+           "donor_rows", "evaluate", "exact_top", "method_label", "sweep", "units", "verify"]

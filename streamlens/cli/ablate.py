@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from streamlens.cli import backend as B
+from streamlens.cli.attribution import ESTIMATE, EXACT_TOP, IG_STEPS, check_estimate_options
 from streamlens.cli.common import (MIN_BOOTSTRAP, app, check_at_least, check_choice, fail, parse_ints, progress_bar,
                                    stdout_console)
 from streamlens.cli.options import (Count, DataOptions, ModelOptions, OutputOptions, Sweep, data_group,
@@ -68,9 +69,9 @@ def ablate(
     workers: int = B.WORKERS,
     ray_address: str = B.RAY_ADDRESS,
     checkpoint: bool = B.CHECKPOINT,
-    estimate: str = typer.Option("none", "--estimate", help="none (measure each unit); atp: estimate every unit at "
-                                 "once from one forward and backward pass (attribution patching); atp-qk, atpstar: "
-                                 "with AtP*'s fixes (README: Attribution patching)."),
+    estimate: str = ESTIMATE,
+    ig_steps: int = IG_STEPS,
+    exact_top: int = EXACT_TOP,
     verify_top: int = typer.Option(0, "--verify-top", help="With --estimate: re-measure exactly the K units with "
                                    "the largest estimate; writes ablation_verify.csv (side by side)."),
     verify_all: bool = typer.Option(False, "--verify-all", help="With --estimate: re-measure every unit exactly."),
@@ -92,15 +93,15 @@ def ablate(
         A.check_n_boot(n_boot)  # the one rule, shared with every command through EvalOptions
     except ValueError as error:
         fail(str(error))
-    if check_choice("--estimate", estimate, ("none", *A.ESTIMATES)) == "none" and (verify_top or verify_all):
-        fail("--verify-top / --verify-all check an estimate: add --estimate atp (or atp-qk, atpstar)")
+    check_estimate_options(estimate, ig_steps, exact_top, verify_top, verify_all)
     if estimate != "none":
         if on_ray:
             fail(f"--estimate {estimate} runs in this process: drop --workers / --ray-address")
         from streamlens.cli.attribution import ablate_estimate
 
-        return ablate_estimate(sweep, model, data, output, estimate=estimate, verify_top=verify_top,
-                               verify_all=verify_all, started=started)
+        return ablate_estimate(sweep, model, data, output, estimate=estimate, ig_steps=ig_steps,
+                               exact_top=exact_top, verify_top=verify_top, verify_all=verify_all,
+                               started=started)
     ray = B.connect(workers, ray_address, model.device, model.threads) if on_ray else None
     try:
         _measure(sweep, model, data, output, ray, checkpoint, started)

@@ -1,13 +1,15 @@
-"""The `--estimate` path of `streamlens ablate`: estimate every unit at once (AtP / AtP*), re-measure
-the top units exactly, write the estimate (marked as such) and the side-by-side check.
+"""The `--estimate` path of `streamlens ablate`: estimate every unit at once (AtP, AtP*, integrated
+gradients, second order), re-measure the top units exactly or settle the exact top K
+(`--exact-top`), write the estimate (marked as such, row by row) and the checks.
 
-Called by `cli/ablate.py` after its own checks; registers no command of its own.
+Called by `cli/ablate.py` after its own checks; registers no command of its own. Its options are
+declared here (`ESTIMATE`, `IG_STEPS`, `EXACT_TOP`) so that `ablate` only lists them.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -16,10 +18,44 @@ from streamlens.cli.common import fail, progress_bar, stdout_console
 if TYPE_CHECKING:
     from streamlens.cli.options import DataOptions, ModelOptions, OutputOptions, Sweep
 
+ESTIMATE = typer.Option("none", "--estimate", help="none (measure each unit); atp: estimate every unit at once from "
+                        "one forward and backward pass (attribution patching); atp-qk, atpstar: with AtP*'s fixes; "
+                        "ig: integrated gradients over --ig-steps points of the clean -> ablated path; "
+                        "second-order: AtP plus the path's second-order term (docs/estimates.md).")
+IG_STEPS = typer.Option(1, "--ig-steps", help="With --estimate ig: N points of the path (left rule; 1 = atp); "
+                        "an even N also gives each row an error bar |IG(N) - IG(N/2)|.")
+EXACT_TOP = typer.Option(0, "--exact-top", help="With --estimate: measure units exactly in the order of the estimate "
+                         "until the exact top K is settled (docs/estimates.md: the stop rule); rows are marked exact "
+                         "or estimate.")
+
+
+def check_estimate_options(estimate: str, ig_steps: int, exact_top: int, verify_top: int, verify_all: bool) -> None:
+    """Exit 2 on estimator options that do not go together (before any model is loaded)."""
+    from streamlens import ablation as A
+    from streamlens.ablation.attribute import check_estimate
+    from streamlens.cli.common import check_choice
+
+    if check_choice("--estimate", estimate, ("none", *A.ESTIMATES)) == "none" and (verify_top or verify_all
+                                                                                   or exact_top):
+        fail("--verify-top / --verify-all / --exact-top check an estimate: add --estimate ig (or atp, atp-qk, "
+             "atpstar, second-order)")
+    if ig_steps != 1 and estimate != "ig":
+        fail(f"--ig-steps {ig_steps} applies to --estimate ig only (got --estimate {estimate})")
+    try:
+        check_estimate(estimate if estimate != "none" else "ig", ig_steps)
+    except ValueError as error:
+        fail(f"--ig-steps: {error}")
+    if exact_top < 0:
+        fail(f"--exact-top {exact_top} must be at least 1 (0: off)")
+    if exact_top and (verify_top or verify_all):
+        fail("--exact-top measures the units it needs itself: drop --verify-top / --verify-all")
+
 
 def ablate_estimate(sweep: Sweep, model: ModelOptions, data: DataOptions, output: OutputOptions, *, estimate: str,
-                    verify_top: int, verify_all: bool, started: float) -> None:
-    """Run `ablation.attribute` (+ `verify`), write ablation.{csv,json,html} (+ ablation_verify.csv)."""
+                    ig_steps: int, exact_top: int, verify_top: int, verify_all: bool, started: float) -> None:
+    """Run `ablation.attribute` (+ `verify` or `exact_top`), write ablation.{csv,json,html} (+ ablation_verify.csv)."""
+    from rich.console import Console
+
     from streamlens import ablation as A
 
     if sweep.effect != "total":
@@ -38,88 +74,113 @@ def ablate_estimate(sweep: Sweep, model: ModelOptions, data: DataOptions, output
                             n_boot=sweep.n_boot, threads=model.set_threads())
     try:
         from streamlens import data as D
+        from streamlens.pages.attribution import attribution_files
+        from streamlens.results import command_line
 
         loaded = model.load()
         batch = D.load_batch(loaded, data.source, window=data.window, max_windows=data.max_windows,
                              positions=sweep.positions)
+        command = command_line()
         n_units = len(A.units(loaded, sweep.unit, sweep.layer_list, sweep.head_list))
         top = n_units if verify_all else min(verify_top, n_units)
-        result, exact, agreement, seconds = _estimate_and_verify(loaded, batch, sweep, options, estimate, top)
-    except (ValueError, OSError) as error:
-        fail(str(error))
-    seconds["total"] = time.perf_counter() - started
-    _write_and_print(loaded, batch, sweep, data, output, (result, exact, agreement), estimate, top, seconds)
-
-
-def _estimate_and_verify(loaded, batch, sweep: Sweep, options, estimate: str, top: int):
-    """The estimate and, for the `top` units, the exact measurement, under one progress bar:
-    (estimate, exact or None, agreement or None, seconds by step)."""
-    from rich.console import Console
-
-    from streamlens import ablation as A
-    from streamlens.results import command_line
-
-    command = command_line()
-    n_units = len(A.units(loaded, sweep.unit, sweep.layer_list, sweep.head_list))
-    n_chunks = -(-batch.n_texts // min(options.batch_size, batch.n_texts))
-    with progress_bar(Console(stderr=True)) as bar:
-        # steps: the estimate 1 a chunk of texts, the exact check 1 a unit and chunk
-        task = bar.add_task(f"estimating {n_units} {sweep.unit} units ({estimate})", total=n_chunks * (1 + top))
-        tick = time.perf_counter()
-        result = A.attribute(loaded, batch, sweep.unit, sweep.method, sweep.layer_list, sweep.head_list, options,
-                             estimate=estimate, progress=lambda n: bar.advance(task, n), command=command)
-        seconds = {"estimate": time.perf_counter() - tick}
-        exact = agreement = None
-        if top:
-            bar.update(task, description=f"measuring the top {top} exactly")
-            tick = time.perf_counter()
-            exact = A.verify(loaded, batch, result, top, options=options, command=command,
-                             progress=lambda n: bar.advance(task, n))
-            seconds["verify"] = time.perf_counter() - tick
-            if len(exact.units) >= 3:
-                agreement = A.agreement(result, exact, result.metrics[0], n_boot=options.n_boot, seed=options.seed)
-    return result, exact, agreement, seconds
-
-
-def _write_and_print(loaded, batch, sweep: Sweep, data: DataOptions, output: OutputOptions, measured, estimate: str,
-                     top: int, seconds: dict[str, float]) -> None:
-    """Write ablation.{csv,json,html} (+ ablation_verify.csv); print the table, the agreement and the times."""
-    from streamlens.pages.attribution import attribution_files
-    from streamlens.results import command_line
-
-    result, exact, agreement = measured
-    settings = {"command": command_line(), "unit": sweep.unit, "method": sweep.method, "effect": "total",
-                "estimate": estimate, "verify_top": top, "positions": sweep.positions,
-                "layers": sweep.layers or "all", "heads": sweep.heads or ("all" if sweep.unit == "head" else None),
-                "window": data.window, "max_windows": data.max_windows, "batch_size": sweep.batch_size or 16,
-                "bootstrap": sweep.n_boot, "seed": sweep.seed}
-    try:
+        with progress_bar(Console(stderr=True)) as bar:
+            result, exact, agreement, run, seconds = _measure(
+                A, bar, loaded, batch, options, unit=sweep.unit, method=sweep.method, layers=sweep.layer_list,
+                heads=sweep.head_list, estimate=estimate, ig_steps=ig_steps, top=top, exact_top=exact_top,
+                command=command)
+        seconds["total"] = time.perf_counter() - started
+        settings = {"command": command, "unit": sweep.unit, "method": sweep.method, "effect": "total",
+                    "estimate": result.estimate, "verify_top": top, "exact_top": _top_summary(run),
+                    "positions": sweep.positions, "layers": sweep.layers or "all",
+                    "heads": sweep.heads or ("all" if sweep.unit == "head" else None), "window": data.window,
+                    "max_windows": data.max_windows, "batch_size": options.batch_size, "bootstrap": options.n_boot,
+                    "seed": options.seed}
+        if run is not None:
+            result = run.result
         files = attribution_files(result, exact, agreement, batch, loaded, settings, seconds)
     except (ValueError, OSError) as error:
         fail(str(error))
     folder = output.write(files)
+    _print(result, exact, agreement, run, exact_top, top, seconds, f"wrote {', '.join(files)} to {folder}")
+
+
+def _print(result, exact, agreement, run, exact_top: int, top: int, seconds: dict, wrote: str) -> None:
+    """The table of the largest estimates, the agreement, the exact top K and the timings."""
     stdout_console().print(_table(result, exact))
     if agreement is not None:
         typer.echo(f"estimate vs exact over {agreement.n_units} units ({agreement.metric}): Spearman "
                    f"{agreement.spearman[0]:.3f} [{agreement.spearman[1]:.3f}, {agreement.spearman[2]:.3f}], Pearson "
                    f"{agreement.pearson[0]:.3f} [{agreement.pearson[1]:.3f}, {agreement.pearson[2]:.3f}]")
+    if run is not None:
+        typer.echo(f"exact top {exact_top}: {', '.join(run.top)}; {run.evaluations} exact evaluations of "
+                   f"{run.n_units} units ({run.evaluations / run.n_units:.0%} of the full sweep), "
+                   + (f"settled by the bound {run.bound:.4g}" if run.settled else "never settled: every unit measured"))
     typer.echo(f"estimate {seconds['estimate']:.1f} s" + (f", exact top {top} {seconds['verify']:.1f} s" if top else "")
-               + f"; wrote {', '.join(files)} to {folder} in {seconds['total']:.1f} s")
+               + (f", exact top {exact_top} {seconds['exact_top']:.1f} s" if run is not None else "")
+               + f"; {wrote} in {seconds['total']:.1f} s")
+
+
+def _measure(A: Any, bar: Any, loaded: Any, batch: Any, options: Any, *, unit: str, method: str, layers: Any,
+             heads: Any, estimate: str, ig_steps: int, top: int, exact_top: int, command: str) -> tuple:
+    """The estimate, then (with `top`) its verification and agreement, or (with `exact_top`) the
+    exact-top-K run: (result, exact, agreement, run, seconds)."""
+    n_units = len(A.units(loaded, unit, layers, heads))
+    n_chunks = -(-batch.n_texts // min(options.batch_size, batch.n_texts))
+    # steps: the estimate 1 a chunk of texts, the exact check 1 a unit and chunk
+    task = bar.add_task(f"estimating {n_units} {unit} units ({estimate})",
+                        total=n_chunks * (1 + (n_units if exact_top else top)))
+    tick = time.perf_counter()
+    result = A.attribute(loaded, batch, unit, method, layers, heads, options, estimate=estimate, steps=ig_steps,
+                         progress=lambda n: bar.advance(task, n), command=command)
+    seconds = {"estimate": time.perf_counter() - tick}
+    exact = agreement = run = None
+    if top:
+        bar.update(task, description=f"measuring the top {top} exactly")
+        tick = time.perf_counter()
+        exact = A.verify(loaded, batch, result, top, options=options, command=command,
+                         progress=lambda n: bar.advance(task, n))
+        seconds["verify"] = time.perf_counter() - tick
+        if len(exact.units) >= 3:
+            agreement = A.agreement(result, exact, result.metrics[0], n_boot=options.n_boot, seed=options.seed)
+    if exact_top:
+        if exact_top > n_units:
+            raise ValueError(f"--exact-top {exact_top} is more than the {n_units} {unit} units")
+        bar.update(task, description=f"settling the exact top {exact_top}")
+        tick = time.perf_counter()
+        run = A.exact_top(loaded, batch, result, exact_top, options=options, command=command,
+                          progress=lambda n: bar.advance(task, n))
+        seconds["exact_top"] = time.perf_counter() - tick
+    return result, exact, agreement, run, seconds
+
+
+def _top_summary(run: Any) -> dict | None:
+    if run is None:
+        return None
+    return {"k": len(run.top), "top": list(run.top), "evaluations": run.evaluations, "units": run.n_units,
+            "bound": run.bound, "settled": run.settled}
 
 
 def _table(estimate, exact):
-    """The units with the largest estimate (up to 10): estimate [CI] and, when verified, exact [CI]."""
+    """The units with the largest estimate (up to 10): estimate [CI] (its error bar, and whether the row
+    was measured exactly, when known) and, when verified, exact [CI]."""
     from rich.table import Table
 
     from streamlens.ablation.attribute import ranking
 
     metric = estimate.metrics[0]
+    column = estimate.metrics.index(metric)
     table = Table(title=f"{metric}: estimate ({estimate.estimate}, not measured)"
                         + (" and exact" if exact is not None else "") + f"; 95% CI over {estimate.n_texts} texts")
-    for column in ("unit", "estimate [95% CI]", *(("exact [95% CI]",) if exact is not None else ())):
-        table.add_column(column, justify="right", no_wrap=True)
+    extra = (("error bar",) if estimate.error_bar is not None else ()) + (("source",) if estimate.measured is not None
+                                                                         else ())
+    for name in ("unit", "estimate [95% CI]", *extra, *(("exact [95% CI]",) if exact is not None else ())):
+        table.add_column(name, justify="right", no_wrap=True)
     for row in ranking(estimate)[:10]:
         cells = [estimate.units[row], _cell(estimate, row, metric)]
+        if estimate.error_bar is not None:
+            cells.append(f"{float(estimate.error_bar[row, column]):.3f}")
+        if estimate.measured is not None:
+            cells.append("exact" if bool(estimate.measured[row]) else "estimate")
         if exact is not None:
             unit = estimate.units[row]
             cells.append(_cell(exact, exact.units.index(unit), metric) if unit in exact.units else "-")

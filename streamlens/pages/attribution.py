@@ -61,8 +61,18 @@ def attribution_files(
     label = f"estimate ({estimate.estimate})"
     ci = "error bars: 95% bootstrap intervals over texts (windows or prompts)"
     sections = [Section(f"Estimated damage of removing each unit ({label}, not measured)",
-                        f"{metric} estimated to first order, (replacement - write) . gradient, per text; {ci}.",
+                        f"{metric} estimated from gradients ({estimate.estimate}: docs/estimates.md), per text; {ci}.",
                         damage_plots.damage(estimate, metric))]
+    if estimate.error_bar is not None or estimate.measured is not None:
+        top = settings.get("exact_top")
+        done = "" if not top else (f" The exact top {top['k']} took {top['evaluations']} exact evaluations of "
+                                   f"{top['units']} units" + (f" (settled by the bound {top['bound']:.4g})."
+                                                              if top["settled"] else " (never settled)."))
+        sections.append(Section("How far to trust each row",
+                                "Largest rows first: estimates (hatched) with the estimator's error bar "
+                                "(ig: |IG(N) - IG(N/2)|; second-order: the second-order term), grey where it "
+                                "exceeds half the value; rows measured exactly are solid." + done,
+                                plots.reliability(estimate, metric)))
     if exact is not None:
         sections.append(Section("Estimate and exact, side by side",
                                 f"The {len(exact.units)} units with the largest {label}, re-measured with the exact "

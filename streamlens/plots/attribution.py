@@ -2,11 +2,15 @@
 
 - `estimate_vs_exact`: one marker per unit, exact effect (x) against the estimate (y), both with
   their 95% CIs, and the line estimate = exact;
-- `side_by_side`: the verified units (largest estimate first) as paired bars, estimate and exact.
+- `side_by_side`: the verified units (largest estimate first) as paired bars, estimate and exact;
+- `frontier`: CPU seconds against agreement with the exact sweep, per estimator (the benchmark's rows).
 Every title and legend says which numbers are estimates and by which method.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import plotly.graph_objects as go
 
@@ -81,4 +85,70 @@ def side_by_side(estimate: AblationResult, exact: AblationResult, metric: str = 
     title = f"{METRIC_TITLES.get(metric, metric)}: {_name(estimate)} (hatched) and exact, side by side"
     fig = finish(fig, title, "unit removed", metric_axis(metric))
     fig.update_xaxes(type="category", tickangle=-60 if len(pairs) > 12 else 0)
+    return fig
+
+
+def frontier(points: Sequence[Mapping[str, Any]], measure: str = "spearman") -> go.Figure:
+    """The cost/accuracy frontier: CPU seconds (x, log) against an agreement `measure` ("spearman",
+    "pearson": (value, low, high) with their 95% CIs; "recall": a number), one line per (unit kind,
+    method) through its estimators, and a star at each exact sweep's cost (agreement 1 by definition).
+
+    `points`: rows of `benchmarks/bench_estimates.py` (kind, method, estimate, cpu, exact_cpu and the
+    agreement measures of the estimate with the exact sweep on the loss increase).
+    """
+    fig = go.Figure()
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for point in points:
+        groups.setdefault((point["kind"], point["method"]), []).append(point)
+    for (kind, method), group in sorted(groups.items()):
+        group = sorted(group, key=lambda point: point["cpu"])
+        value = [_scalar(point[measure]) for point in group]
+        bars = None
+        if isinstance(group[0][measure], (list, tuple)):
+            bars = {"type": "data", "symmetric": False, "thickness": 0.8, "width": 2,
+                    "array": [max(0.0, point[measure][2] - v) for point, v in zip(group, value)],
+                    "arrayminus": [max(0.0, v - point[measure][1]) for point, v in zip(group, value)]}
+        dash = "solid" if method == "mean" else "dash"
+        fig.add_trace(go.Scatter(
+            x=[point["cpu"] for point in group], y=value, mode="lines+markers+text", name=f"{kind}, {method}",
+            text=[point["estimate"] for point in group], textposition="top center", error_y=bars,
+            line={"color": color(kind), "dash": dash}, marker={"size": 7}))
+        fig.add_trace(go.Scatter(x=[group[0]["exact_cpu"]], y=[1.0], mode="markers", name=f"{kind}, {method}: exact",
+                                 marker={"color": color(kind), "symbol": "star", "size": 12}, showlegend=False))
+    title = f"Estimates against the exact sweep: {measure} vs CPU seconds (stars: the exact sweeps)"
+    fig = finish(fig, title, "CPU seconds (log)", f"{measure} with the exact effects")
+    fig.update_xaxes(type="log")
+    return fig
+
+
+def _scalar(value: Any) -> float:
+    return float(value[0]) if isinstance(value, (list, tuple)) else float(value)
+
+
+def reliability(estimate: AblationResult, metric: str = "loss_increase", top: int = 30) -> go.Figure:
+    """The `top` units with the largest |value|: the estimate with its error bar (`error_bar`: the
+    estimator's own diagnostic, not a CI) and, where the row was measured exactly (`measured`), the
+    exact value with its 95% CI. Grey bars: estimates whose error bar exceeds half their size
+    (unreliable: re-measure them)."""
+    column = metric_column(estimate, metric)
+    values = estimate.values[:, column]
+    rows = [int(i) for i in values.abs().argsort(descending=True, stable=True)[:top]]
+    measured = estimate.measured if estimate.measured is not None else [False] * len(estimate.units)
+    bars = estimate.error_bar[:, column] if estimate.error_bar is not None else None
+    colors, errors = [], []
+    for row in rows:
+        exact = bool(measured[row])
+        error = 0.0 if exact or bars is None else float(bars[row])
+        shaky = not exact and bars is not None and error > 0.5 * abs(float(values[row]))
+        colors.append("#bbbbbb" if shaky else color(estimate.kinds[row]))
+        errors.append(error)
+    labels = [f"{estimate.units[row]} ({'exact' if measured[row] else 'estimate'})" for row in rows]
+    fig = go.Figure(go.Bar(
+        x=labels, y=[float(values[row]) for row in rows], marker={"color": colors},
+        marker_pattern_shape=["" if measured[row] else "/" for row in rows],
+        error_y={"type": "data", "array": errors, "thickness": 1.2, "width": 3}, name=_name(estimate)))
+    title = (f"{METRIC_TITLES.get(metric, metric)}: the {len(rows)} largest, {_name(estimate)} (hatched; error bar: the "
+             f"estimator's diagnostic; grey: error bar > half the value) and exact rows (solid)")
+    fig = finish(fig, title, "unit", metric_axis(metric))
+    fig.update_xaxes(type="category", tickangle=-60 if len(rows) > 12 else 0)
     return fig

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 
 from streamlens.results.base import Provenance, Result, frame
 from streamlens.sites import Site
@@ -63,7 +63,10 @@ class AblationResult(Damage):
 
     `estimate` is "" for measured effects and names the first-order method otherwise ("atp",
     "atp-qk", "atpstar": `ablation.attribute`); `cancellation` [row, metric] is AtP*'s GradDrop
-    score when it was computed (a ranking score in the metric's unit, not an effect).
+    score when it was computed (a ranking score in the metric's unit, not an effect). `error_bar`
+    [row, metric]: an estimate's cheap reliability diagnostic (|IG(N) - IG(N/2)|, or the size of the
+    second-order term), in the metric's unit; `measured` [row] (bool): rows an exact-top-K run measured
+    exactly (their values are exact, the others estimates).
     """
 
     sites: tuple[tuple[Site, ...], ...] = ()
@@ -72,6 +75,8 @@ class AblationResult(Damage):
     clean_loss: Float[torch.Tensor, "text"] | None = None
     estimate: str = ""
     cancellation: Float[torch.Tensor, "row metric"] | None = None
+    error_bar: Float[torch.Tensor, "row metric"] | None = None
+    measured: Bool[torch.Tensor, "row"] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sites", _sites(self.sites))
@@ -104,7 +109,8 @@ class AblationResult(Damage):
 
     def to_dataframe(self) -> "pd.DataFrame":
         """One row per (unit, metric): unit, kind, layer, head, method, effect, metric, value, ci_low, ci_high
-        (estimates: an `estimate` column naming the method, and `graddrop_score` when computed)."""
+        (estimates: an `estimate` column naming the method, `graddrop_score`, `estimate_error` and
+        `source` (exact | estimate, per row) when present)."""
         labels = {"unit": self.units, "kind": self.kinds, "layer": self.layers, "head": self.heads,
                   "method": self.methods, "effect": self.effects}
         table = frame(self._rows(labels))
@@ -112,6 +118,10 @@ class AblationResult(Damage):
             table.insert(6, "estimate", self.estimate)
         if self.cancellation is not None:
             table["graddrop_score"] = self.cancellation.flatten().tolist()  # row-major = (unit, metric) order
+        if self.error_bar is not None:
+            table["estimate_error"] = self.error_bar.flatten().tolist()
+        if self.measured is not None:
+            table["source"] = ["exact" if bool(m) else "estimate" for m in self.measured for _ in self.metrics]
         return table
 
 

@@ -1,0 +1,207 @@
+"""The cost/accuracy frontier of the estimators on SmolLM2: process CPU seconds against Spearman,
+Pearson (95% bootstrap CIs over texts) and recall of the exact top 10, per unit kind, method,
+estimator and number of steps, with the exact sweep computed ONCE per (kind, method) and saved.
+
+    python benchmarks/bench_estimates.py exact --save runs/est           # the exact sweeps (slow, once)
+    python benchmarks/bench_estimates.py frontier --save runs/est        # every estimate, timed, saved
+    python benchmarks/bench_estimates.py table --save runs/est            # the Markdown table (+ figure)
+    python benchmarks/bench_estimates.py topk --save runs/est --top 10   # --exact-top on the heads
+    python benchmarks/bench_estimates.py replay --save runs/est --top 10  # the stop rule on the saved sweeps
+    python benchmarks/bench_estimates.py memory --save runs/est --window 64 --max-windows 16 --steps 1 --batch-size 16
+
+Small data on purpose (8 windows of 32 tokens): the machine is shared. CPU seconds come from
+`resource.getrusage` (user + system of this process), not wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from streamlens import ablation as A
+from streamlens.data import load_batch
+from streamlens.model import load_model
+from streamlens.results import AblationResult
+
+STEPS = (1, 2, 4, 8, 16)
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: kilobytes
+
+
+def timed(function):
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    result = function()
+    return result, time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def setup(args):
+    torch.set_num_threads(args.threads)
+    model = load_model()
+    batch = load_batch(model, None, window=args.window, max_windows=args.max_windows)
+    print(f"{model!r}; {batch.description}; threads {torch.get_num_threads()}", flush=True)
+    return model, batch
+
+
+def exact(args, folder: Path) -> None:
+    """The exact sweep of each (kind, method), saved with its CPU seconds; skipped when saved already."""
+    model, batch = setup(args)
+    for kind in args.units.split(","):
+        for method in args.methods.split(","):
+            path = folder / f"exact_{kind}_{method}.safetensors"
+            if path.exists():
+                continue
+            result, wall, cpu = timed(lambda: A.sweep(model, batch, kind, method, command="bench_estimates exact"))
+            result.save(path)
+            path.with_suffix(".json").write_text(json.dumps({"wall": wall, "cpu": cpu}))
+            print(f"exact {kind} {method}: {len(result.units)} units {cpu:.1f} s cpu ({wall:.1f} s wall)", flush=True)
+
+
+def configs(args) -> list[tuple[str, int]]:
+    """(estimator, steps) of the frontier: ig at each N (N = 1 is AtP) and the second-order term."""
+    out = [("ig", steps) for steps in (int(n) for n in args.steps.split(","))]
+    return out + ([("second-order", 1)] if args.second_order else [])
+
+
+def frontier(args, folder: Path) -> None:
+    """Every estimate of every (kind, method), timed in CPU seconds and saved; skipped when saved."""
+    model, batch = setup(args)
+    loaded = peak_rss_gb()
+    for kind in args.units.split(","):
+        for method in args.methods.split(","):
+            for estimate, steps in configs(args):
+                label = A.method_label(estimate, steps)
+                path = folder / f"estimate_{kind}_{method}_{label}.safetensors"
+                if path.exists():
+                    continue
+                result, wall, cpu = timed(lambda: A.attribute(model, batch, kind, method, estimate=estimate,
+                                                              steps=steps, batch_size=args.batch_size,
+                                                              command="bench_estimates frontier"))
+                result.save(path)
+                path.with_suffix(".json").write_text(json.dumps({"wall": wall, "cpu": cpu, "rss_gb": peak_rss_gb(),
+                                                                 "loaded_gb": loaded}))
+                print(f"{kind} {method} {label}: {cpu:.1f} s cpu ({wall:.1f} s wall); peak RSS {peak_rss_gb():.2f} GB",
+                      flush=True)
+
+
+def rows(folder: Path, top: int) -> list[dict]:
+    """One row per saved estimate that has its exact sweep: cost and agreement (loss increase)."""
+    out = []
+    for path in sorted(folder.glob("estimate_*.safetensors")):
+        kind, method, label = path.stem.split("_")[1:4]
+        exact_path = folder / f"exact_{kind}_{method}.safetensors"
+        if not exact_path.exists():
+            continue
+        estimate, exact = AblationResult.load(path), AblationResult.load(exact_path)
+        cost = json.loads(path.with_suffix(".json").read_text())["cpu"]
+        exact_cost = json.loads(exact_path.with_suffix(".json").read_text())["cpu"]
+        agree = A.agreement(estimate, exact, "loss_increase", top=top, among=top)
+        bar = None if estimate.error_bar is None else float(estimate.error_bar[:, 0].median())
+        out.append({"kind": kind, "method": method, "estimate": label, "units": agree.n_units, "cpu": cost,
+                    "exact_cpu": exact_cost, "spearman": agree.spearman, "pearson": agree.pearson,
+                    "recall": agree.recall, "max_error": agree.max_abs_error, "median_error_bar": bar})
+    return out
+
+
+def table(args, folder: Path) -> None:
+    """The Markdown table of the frontier (and the figure, frontier.html, next to the results)."""
+    found = rows(folder, args.top)
+    print(f"| unit | method | estimate | CPU s | exact CPU s | speed-up | Spearman [95% CI] | Pearson [95% CI] | "
+          f"recall top {args.top} | max error | median error bar |")
+    print("|---|---|---|---:|---:|---:|---|---|---:|---:|---:|")
+    for row in found:
+        rho, r = row["spearman"], row["pearson"]
+        bar = "-" if row["median_error_bar"] is None else f"{row['median_error_bar']:.4f}"
+        print(f"| {row['kind']} | {row['method']} | {row['estimate']} | {row['cpu']:.1f} | {row['exact_cpu']:.1f} | "
+              f"{row['exact_cpu'] / row['cpu']:.1f}x | {rho[0]:.2f} [{rho[1]:.2f}, {rho[2]:.2f}] | "
+              f"{r[0]:.2f} [{r[1]:.2f}, {r[2]:.2f}] | {row['recall']:.1f} | {row['max_error']:.3f} | {bar} |")
+    from streamlens.plots.attribution import frontier as figure
+
+    (folder / "frontier.json").write_text(json.dumps(found, indent=1))
+    figure(found).write_html(folder / "frontier.html", include_plotlyjs="cdn")
+
+
+def topk(args, folder: Path) -> None:
+    """`exact_top` on the saved estimate of each (kind, method): evaluations against the full sweep,
+    and whether its top K is the full sweep's."""
+    model, batch = setup(args)
+    for kind in args.units.split(","):
+        for method in args.methods.split(","):
+            estimate = AblationResult.load(folder / f"estimate_{kind}_{method}_{args.topk_estimate}.safetensors")
+            exact = AblationResult.load(folder / f"exact_{kind}_{method}.safetensors")
+            run, wall, cpu = timed(lambda: A.exact_top(model, batch, estimate, args.top, command="bench topk"))
+            truth = [exact.units[i] for i in A.by_damage(exact, "loss_increase")[::-1][: args.top]]
+            print(f"{kind} {method} exact top {args.top} from {args.topk_estimate}: {run.evaluations} of {run.n_units} "
+                  f"exact evaluations ({run.evaluations / run.n_units:.2f}), settled {run.settled}, bound "
+                  f"{run.bound:.4f}; same set as the full sweep: {set(run.top) == set(truth)}, same order: "
+                  f"{list(run.top) == truth}; {cpu:.1f} s cpu (exact sweep "
+                  f"{json.loads((folder / f'exact_{kind}_{method}.json').read_text())['cpu']:.1f} s)", flush=True)
+
+
+def replay(args, folder: Path) -> None:
+    """`exact_top`'s stop rule replayed on the saved exact sweep (no model: measuring a unit = reading its
+    exact value, which `evaluate` reproduces to 1e-12): how many exact evaluations each saved estimate
+    would need to settle the exact top K, and whether the top K it returns is the sweep's."""
+    from streamlens.ablation.attribute.topk import settle
+
+    for path in sorted(folder.glob("estimate_*.safetensors")):
+        kind, method, label = path.stem.split("_")[1:4]
+        exact_path = folder / f"exact_{kind}_{method}.safetensors"
+        if not exact_path.exists():
+            continue
+        estimate, exact = AblationResult.load(path), AblationResult.load(exact_path)
+        truth_damage = exact.values[[exact.units.index(u) for u in estimate.units], 0]  # loss increase: damage
+        damage, bound, done = settle(estimate.values[:, 0], lambda rows: [float(truth_damage[r]) for r in rows],
+                                     args.top)
+        found = sorted(damage, key=lambda row: -damage[row])[: args.top]
+        truth = torch.argsort(truth_damage, descending=True)[: args.top].tolist()
+        print(f"| {kind} | {method} | {label} | {len(damage)} of {len(estimate.units)} "
+              f"({len(damage) / len(estimate.units):.2f}) | {'yes' if done else 'no'} | {bound:.3f} | "
+              f"{'yes' if found == truth else 'NO'} |")
+
+
+def memory(args, folder: Path) -> None:
+    """Peak RSS of one estimate (heads, mean) over the loaded model, texts `--batch-size` at a time; run
+    once per batch size, each in a fresh process (the peak is per process)."""
+    model, batch = setup(args)
+    loaded = peak_rss_gb()
+    estimate, steps = ("ig", int(args.steps.split(",")[0]))
+    _, wall, cpu = timed(lambda: A.attribute(model, batch, "head", "mean", estimate=estimate, steps=steps,
+                                             batch_size=args.batch_size, command="bench_estimates memory"))
+    print(f"memory: {batch.description}, batch_size {args.batch_size}, ig-{steps}: peak RSS {peak_rss_gb():.2f} GB "
+          f"(loaded model {loaded:.2f} GB, +{peak_rss_gb() - loaded:.2f} GB); {cpu:.1f} s cpu", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=("exact", "frontier", "table", "topk", "replay", "memory"))
+    parser.add_argument("--save", required=True, help="folder of the saved results")
+    parser.add_argument("--units", default="head,block,attn,mlp")
+    parser.add_argument("--methods", default="mean,resample")
+    parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--max-windows", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="ig step counts")
+    parser.add_argument("--second-order", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--batch-size", type=int, default=8, help="texts per gradient forward")
+    parser.add_argument("--top", type=int, default=10)
+    parser.add_argument("--topk-estimate", default="ig-4", help="the saved estimate exact_top starts from")
+    args = parser.parse_args()
+    folder = Path(args.save)
+    folder.mkdir(parents=True, exist_ok=True)
+    {"exact": exact, "frontier": frontier, "table": table, "topk": topk, "replay": replay, "memory": memory}[args.stage](args, folder)
+
+
+if __name__ == "__main__":
+    main()

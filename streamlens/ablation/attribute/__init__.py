@@ -1,0 +1,16 @@
+"""Estimates of every unit's removal at once, checked against the exact engine.
+
+Modules, each importing only those before it: `common` (metrics with a gradient, per-text values),
+`atpstar` (AtP and AtP*'s QK fix and GradDrop), `paths` (integrated gradients and the second-order
+term along the clean -> ablated path), `estimate` (`attribute`, the one entry point), `check`
+(`ranking`, `verify`, `agreement`), `topk` (`exact_top`: the exact top K, measured in the estimate's
+order until no unmeasured unit can enter it).
+"""
+
+from streamlens.ablation.attribute.check import Agreement, agreement, ranking, verify
+from streamlens.ablation.attribute.common import GRADIENT_METRICS, gradient_metrics
+from streamlens.ablation.attribute.estimate import ESTIMATES, attribute, check_estimate, method_label
+from streamlens.ablation.attribute.topk import ExactTop, exact_top
+
+__all__ = ["ESTIMATES", "GRADIENT_METRICS", "Agreement", "ExactTop", "agreement", "attribute", "check_estimate",
+           "exact_top", "gradient_metrics", "method_label", "ranking", "verify"]
