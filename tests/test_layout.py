@@ -35,14 +35,14 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 INNER: dict[str, tuple[str, ...]] = {
     "ablation": ("spec", "options", "replace", "apply", "engine", "swap", "checkpoint", "backends", "attribute",
                  "__init__"),
-    "highway": ("real", "toy", "__init__"),
+    "highway": ("real", "toy", "variants", "testbeds", "training", "lesion", "study", "verdicts", "__init__"),
     "layers": ("scores", "repair", "verdict", "study", "__init__"),
     "model": ("fidelity", "handle", "cache", "folders", "loading", "__init__"),
-    "results": ("base", "stream", "ablation", "highway", "check", "sources", "identity", "tunedlens", "layers",
-                "__init__"),
+    "results": ("base", "stream", "ablation", "highway", "residuals", "check", "sources", "identity", "tunedlens",
+                "layers", "__init__"),
     "identity": ("probe", "measure", "__init__"),
     "tunedlens": ("train", "evaluate", "__init__"),
-    "pages": ("html", "ablation", "attribution", "highway", "carry", "layers", "report", "__init__"),
+    "pages": ("html", "ablation", "attribution", "highway", "residuals", "carry", "layers", "report", "__init__"),
 }
 
 
