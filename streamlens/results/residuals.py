@@ -76,7 +76,7 @@ class ResidualConfig:
                 _whole(f"depth {depth!r} in {name}:", depth, 1, MAX_DEPTH)
         _whole("steps", self.steps, 1, 1_000_000)
         _whole("eval_every", self.eval_every, 1, self.steps)
-        _whole("warmup", self.warmup, 0, self.steps)
+        _whole("warmup", self.warmup, 0, 1_000_000)
 
     def depths(self, testbed: str) -> tuple[int, ...]:
         return getattr(self, f"{testbed}_depths")
