@@ -256,8 +256,8 @@ def tiny_study() -> ResidualStudy:
     return residual_study(TINY, command="test")
 
 
-def test_same_config_same_numbers_bit_for_bit(tiny_study):
-    again = residual_study(ResidualConfig(**{**TINY.__dict__, "testbeds": ("mlp", "cnn")}), command="test")
+def test_same_config_same_numbers_bit_for_bit_in_one_process_or_two(tiny_study):
+    again = residual_study(ResidualConfig(**{**TINY.__dict__, "testbeds": ("mlp", "cnn")}), command="test", workers=2)
     for field in ("train_loss", "heldout_loss", "heldout_accuracy", "grad_norm", "lesion_loss", "saved_bytes"):
         first = getattr(tiny_study, field)[[r for r, t in enumerate(tiny_study.run_testbed) if t != "lm"]]
         assert torch.equal(first.nan_to_num(-1), getattr(again, field).nan_to_num(-1)), field
@@ -305,7 +305,7 @@ def test_bad_settings_name_the_value(bad, named):
 
 # ----- the command --------------------------------------------------------------------------------
 QUICK = ["--seeds", "0", "--testbeds", "mlp", "--variants", "plain,pre_norm", "--mlp-depths", "1,2", "--steps", "2",
-         "--eval-every", "1"]
+         "--eval-every", "1", "--workers", "1"]
 
 
 def test_cli_quick_run_writes_three_files(tmp_path):
@@ -321,8 +321,9 @@ def test_cli_quick_run_writes_three_files(tmp_path):
 
 
 @pytest.mark.parametrize("options", [["--variants", "plain,resnet"], ["--mlp-depths", "0"], ["--mlp-depths", "abc"],
-                                     ["--testbeds", "rnn"], ["--testbeds", ""], ["--steps", "0"], ["--seeds", "1,1"],
-                                     ["--variants", "plain,,rezero"], ["--eval-every", "0"]])
+                                     ["--testbeds", "rnn"], ["--testbeds", ""], ["--steps", "0"], ["--seeds", "x"],
+                                     ["--variants", "plain,,rezero"], ["--eval-every", "0"],
+                                     ["--workers", "0"]])
 def test_cli_bad_options_exit_2_and_write_nothing(tmp_path, options):
     out = tmp_path / "residuals"
     run = CliRunner().invoke(app, ["residuals", *QUICK, "--out", str(out), *options])

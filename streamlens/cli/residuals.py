@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from streamlens.cli.common import app, check_out, fail, parse_ints, progress_bar
+from streamlens.cli.common import app, check_at_least, check_out, fail, parse_ints, progress_bar
 
 _VARIANTS = "plain, pre_norm, post_norm, highway, rezero, dense, concat"
 
@@ -26,13 +26,15 @@ def residuals(
     lm_variants: str = typer.Option("plain,pre_norm,post_norm,rezero", "--lm-variants",
                                     help=f"Variants on the Transformer: {_VARIANTS}."),
     seeds: str = typer.Option("0-2", "--seeds", help="Seeds (weights and batch order), e.g. 0-2 or 0,5,9."),
-    mlp_depths: str = typer.Option("2,16", "--mlp-depths", help="Toy MLP depths (blocks)."),
-    lm_depths: str = typer.Option("2,6", "--lm-depths", help="Transformer depths (blocks of attention + MLP)."),
+    mlp_depths: str = typer.Option("2,12", "--mlp-depths", help="Toy MLP depths (blocks)."),
+    lm_depths: str = typer.Option("2,4", "--lm-depths", help="Transformer depths (blocks of attention + MLP)."),
     cnn_depths: str = typer.Option("2,6", "--cnn-depths", help="CNN depths (basic blocks)."),
-    steps: int = typer.Option(100, "--steps", help="Adam updates per run."),
+    steps: int = typer.Option(80, "--steps", help="Adam updates per run."),
     eval_every: int = typer.Option(20, "--eval-every", help="Measure held-out loss and gradients every N steps."),
-    warmup: int = typer.Option(20, "--warmup", help="Warm-up steps of the extra pre/post-norm Transformer runs "
+    warmup: int = typer.Option(16, "--warmup", help="Warm-up steps of the extra pre/post-norm Transformer runs "
                                                     "(Xiong et al. 2020); 0: no such runs."),
+    workers: int = typer.Option(2, "--workers", help="Processes that train runs side by side (one thread "
+                                "each; the numbers do not depend on it)."),
     out: str = typer.Option("streamlens-out/residuals", "--out", help="Folder for residuals.csv, .json and .html."),
 ) -> None:
     """The residual family measured: gradients, losses, lesions, memory and a verdict table."""
@@ -40,13 +42,15 @@ def residuals(
 
     started = time.perf_counter()
     check_out(out)
+    check_at_least(("--workers", workers, 1))
     try:
         from streamlens.results.residuals import ResidualConfig
 
         config = ResidualConfig(
             testbeds=_names("--testbeds", testbeds), mlp_variants=_names("--variants", variants),
             lm_variants=_names("--lm-variants", lm_variants), seeds=tuple(parse_ints("--seeds", seeds)),
-            mlp_depths=tuple(parse_ints("--mlp-depths", mlp_depths)), lm_depths=tuple(parse_ints("--lm-depths", lm_depths)),
+            mlp_depths=tuple(parse_ints("--mlp-depths", mlp_depths)),
+            lm_depths=tuple(parse_ints("--lm-depths", lm_depths)),
             cnn_depths=tuple(parse_ints("--cnn-depths", cnn_depths)), steps=steps, eval_every=eval_every, warmup=warmup)
         if "cnn" in config.testbeds:
             _need_sklearn()
@@ -61,7 +65,8 @@ def residuals(
     command = command_line()
     with progress_bar(transient=False) as progress:
         task = progress.add_task("runs (block-steps)", total=sum(work(run, config) for run in plan(config)))
-        study = residual_study(config, lambda run: progress.advance(task, work(run, config)), command=command)
+        study = residual_study(config, lambda run: progress.advance(task, work(run, config)), command=command,
+                               workers=workers)
     if not bool(study.train_loss.isfinite().all()):  # a diverged run is no measurement: say so, write nothing
         fail("a run diverged (training loss not finite): try fewer steps or other variants")
     seconds = time.perf_counter() - started

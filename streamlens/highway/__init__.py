@@ -44,7 +44,7 @@ from streamlens.results.highway import ALL_SKIPS, RealHighway, ToyConfig, ToyHig
 from streamlens.results.residuals import ResidualConfig, ResidualStudy
 
 __all__ = [
-    "ALL_SKIPS", "KINDS", "RealHighway", "ResidualConfig", "ResidualStudy", "Stack", "ToyConfig", "ToyHighway", "condition_label", "highway_hooks",
-    "highway_tokens", "make_stack", "parse_layers", "residual_study", "residual_verdicts", "skip_gradients", "torch_init_ratio", "toy_highway",
-    "zero_branch_check",
+    "ALL_SKIPS", "KINDS", "RealHighway", "ResidualConfig", "ResidualStudy", "Stack", "ToyConfig", "ToyHighway",
+    "condition_label", "highway_hooks", "highway_tokens", "make_stack", "parse_layers", "residual_study",
+    "residual_verdicts", "skip_gradients", "torch_init_ratio", "toy_highway", "zero_branch_check",
 ]

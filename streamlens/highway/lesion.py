@@ -16,7 +16,8 @@ from streamlens.highway.testbeds import Testbed
 from streamlens.highway.training import evaluate
 
 
-def lesion_profile(model: nn.Module, testbed: Testbed, max_depth: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def lesion_profile(model: nn.Module, testbed: Testbed,
+                   max_depth: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Held-out loss and accuracy with each block deleted in turn: two [max_depth] tensors (default depth).
 
     Entry b is the model with block b deleted; NaN for blocks that cannot be deleted (a change of

@@ -8,13 +8,15 @@ gives the same numbers (bar the step times) on every machine with the same libra
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
 from streamlens.highway.lesion import lesion_profile
-from streamlens.highway.testbeds import load_testbed
+from streamlens.highway.testbeds import Testbed, load_testbed
 from streamlens.highway.training import build_model, one_thread, train_run
 from streamlens.results import Provenance, command_line, package_version
 from streamlens.results.residuals import ResidualConfig, ResidualStudy
@@ -41,10 +43,45 @@ def work(run: tuple[str, str, int, int, int], config: ResidualConfig) -> int:
     return run[2] * (config.steps + 1) * (2 if run[0] == "lm" else 1)
 
 
+def measure_run(run: tuple[str, str, int, int, int], config: ResidualConfig, max_depth: int) -> dict[str, Any]:
+    """Train and measure one run on one thread: the `RunRecord` fields plus its lesion profile."""
+    name, variant, depth, seed, warmup = run
+    testbed = _testbed(name)
+    with one_thread():
+        model = build_model(testbed, variant, depth, seed)
+        record = train_run(model, testbed, seed, config.steps, config.eval_steps, warmup)
+        lesion_loss, lesion_accuracy = lesion_profile(model, testbed, max_depth)
+    return {**{field: getattr(record, field) for field in record.__dataclass_fields__},
+            "lesion_loss": lesion_loss, "lesion_accuracy": lesion_accuracy}
+
+
+@functools.lru_cache(maxsize=None)
+def _testbed(name: str) -> Testbed:
+    return load_testbed(name)  # once per process: a worker loads each testbed it uses once
+
+
+def _results(runs: list, config: ResidualConfig, max_depth: int, workers: int) -> Iterator[dict[str, Any]]:
+    """Each run's measurements, in the order of `runs`; with `workers` > 1 from forked processes."""
+    if workers <= 1:
+        yield from (measure_run(run, config, max_depth) for run in runs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    for name in config.testbeds:
+        _testbed(name)  # load before forking: the workers inherit them
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield from pool.map(measure_run, runs, [config] * len(runs), [max_depth] * len(runs))
+
+
 def residual_study(config: ResidualConfig = ResidualConfig(),
                    on_run: Callable[[tuple[str, str, int, int, int]], None] | None = None,
-                   command: str | None = None) -> ResidualStudy:
-    """Train and measure every run of `plan(config)`; `on_run(run)` is called after each (progress)."""
+                   command: str | None = None, workers: int = 1) -> ResidualStudy:
+    """Train and measure every run of `plan(config)`; `on_run(run)` is called after each (progress).
+
+    `workers` > 1 trains runs in that many forked processes, one thread each; every run seeds itself,
+    so the numbers do not depend on `workers` (only the step times do).
+    """
     started = time.perf_counter()
     runs = plan(config)
     max_depth = max(run[2] for run in runs)
@@ -54,19 +91,12 @@ def residual_study(config: ResidualConfig = ResidualConfig(),
              "heldout_accuracy": nan(len(runs), n_eval), "grad_norm": nan(len(runs), n_eval, max_depth),
              "lesion_loss": nan(len(runs), max_depth), "lesion_accuracy": nan(len(runs), max_depth),
              "saved_bytes": torch.zeros(len(runs), dtype=torch.float64), "step_seconds": nan(len(runs))}
-    testbeds = {name: load_testbed(name) for name in config.testbeds}
-    with one_thread():
-        for r, (name, variant, depth, seed, warmup) in enumerate(runs):
-            testbed = testbeds[name]
-            model = build_model(testbed, variant, depth, seed)
-            record = train_run(model, testbed, seed, config.steps, config.eval_steps, warmup)
-            for field in ("train_loss", "heldout_loss", "heldout_accuracy"):
-                table[field][r] = getattr(record, field)
-            table["grad_norm"][r, :, :depth] = record.grad_norm
-            table["lesion_loss"][r], table["lesion_accuracy"][r] = lesion_profile(model, testbed, max_depth)
-            table["saved_bytes"][r], table["step_seconds"][r] = record.saved_bytes, record.step_seconds
-            if on_run is not None:
-                on_run(runs[r])
+    for r, measured in enumerate(_results(runs, config, max_depth, workers)):
+        table["grad_norm"][r, :, : runs[r][2]] = measured.pop("grad_norm")
+        for field, value in measured.items():
+            table[field][r] = value
+        if on_run is not None:
+            on_run(runs[r])
     labels = dict(zip(("run_testbed", "run_variant", "run_depth", "run_seed", "run_warmup"),
                       (tuple(column) for column in zip(*runs))))
     versions = {p: package_version(p) for p in ("streamlens", "torch", "scikit-learn")}

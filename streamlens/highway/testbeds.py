@@ -187,7 +187,8 @@ class DigitsCNN(nn.Module):
         if variant not in CNN_VARIANTS:
             raise ValueError(f"unknown digits variant {variant!r}: choose from {', '.join(CNN_VARIANTS)}")
         residual, first = variant == "residual", math.ceil(depth / 2)
-        self.stem = nn.Sequential(nn.Conv2d(1, CNN_CHANNELS, 3, 1, 1, bias=False), nn.BatchNorm2d(CNN_CHANNELS), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(1, CNN_CHANNELS, 3, 1, 1, bias=False), nn.BatchNorm2d(CNN_CHANNELS),
+                                  nn.ReLU())
         shapes = [(CNN_CHANNELS, CNN_CHANNELS, 1)] * first
         shapes += [(CNN_CHANNELS if i == 0 else 2 * CNN_CHANNELS, 2 * CNN_CHANNELS, 2 if i == 0 else 1)
                    for i in range(depth - first)]

@@ -93,8 +93,8 @@ def _degradation(study: ResidualStudy) -> Verdict | None:
     if "cnn" not in study.testbeds or len(study.cnn_depths) < 2:
         return None
     shallow, deep = min(study.cnn_depths), max(study.cnn_depths)
-    gap = {v: final_train_loss(study, study.runs("cnn", v, deep)) - final_train_loss(study, study.runs("cnn", v, shallow))
-           for v in ("plain", "residual")}
+    gap = {v: final_train_loss(study, study.runs("cnn", v, deep))
+           - final_train_loss(study, study.runs("cnn", v, shallow)) for v in ("plain", "residual")}
     return _row("Deeper plain nets train worse than shallower ones (degradation); residual nets do not",
                 f"digits CNN, {deep} vs {shallow} basic blocks: final training loss (mean of the last 10% of steps), "
                 f"deep minus shallow, plain",
@@ -115,7 +115,8 @@ def _lesions(study: ResidualStudy) -> Verdict | None:
                 f"digits CNN, {deep} basic blocks, trained; delete each same-shape block in turn at test time; "
                 f"held-out accuracy drop averaged over blocks, plain minus residual",
                 100 * (drop["plain"] - drop["residual"]), "points", "veit",
-                f"plain drop {100 * float(drop['plain'].mean()):.1f} points, residual {100 * float(drop['residual'].mean()):.1f}")
+                f"plain drop {100 * float(drop['plain'].mean()):.1f} points, "
+                f"residual {100 * float(drop['residual'].mean()):.1f}")
 
 
 def _highway_trains(study: ResidualStudy) -> Verdict | None:
@@ -124,7 +125,8 @@ def _highway_trains(study: ResidualStudy) -> Verdict | None:
         return None
     plain, highway = (final_train_loss(study, study.runs("mlp", v, deep)) for v in ("plain", "highway"))
     return _row("A deep highway net trains where a plain net of the same depth does not",
-                f"toy MLP, {deep} blocks (the paper: 100 layers), gate bias -2: final training loss, plain minus highway",
+                f"toy MLP, {deep} blocks (the paper: 100 layers), gate bias -2: final training loss, "
+                f"plain minus highway",
                 plain - highway, "(MSE)", "srivastava",
                 f"highway {float(highway.mean()):.3f}, plain {float(plain.mean()):.3f} (1.0 = predicting the mean)")
 
@@ -140,7 +142,8 @@ def _rezero(study: ResidualStudy) -> Verdict | None:
     rezero, post = (_curve_area(study, study.runs("lm", v, deep)) for v in ("rezero", "post_norm"))
     extra = ""
     if _have(study, ("lm", "rezero", deep), ("lm", "pre_norm", deep)):
-        extra = f"vs pre-norm: {seed_interval(_curve_area(study, study.runs('lm', 'pre_norm', deep)) - rezero)[0]:.3g} nats"
+        pre = _curve_area(study, study.runs("lm", "pre_norm", deep))
+        extra = f"vs pre-norm: {seed_interval(pre - rezero)[0]:.3g} nats"
     return _row("ReZero converges faster than the post-norm Transformer",
                 f"char Transformer, {deep} blocks: mean training loss over all steps (area under the curve), "
                 f"post-norm minus ReZero", post - rezero, "nats", "rezero", extra)
@@ -179,7 +182,8 @@ def _dense_memory(study: ResidualStudy) -> Verdict | None:
         return None
     saved = {v: study.saved_bytes[study.runs("mlp", v, deep)] for v in ("concat", "pre_norm", "dense")
              if study.runs("mlp", v, deep)}
-    extra = f"DenseFormer weighted sums: x{float((saved['dense'] / saved['pre_norm']).mean()):.2f}" if "dense" in saved else ""
+    extra = (f"DenseFormer weighted sums: x{float((saved['dense'] / saved['pre_norm']).mean()):.2f}"
+             if "dense" in saved else "")
     return _row("Dense (concatenated) connections cost memory",
                 f"toy MLP, {deep} blocks: activation bytes saved for backward in one step (distinct storages), "
                 f"concatenation / pre-norm residual (1 = the same)",

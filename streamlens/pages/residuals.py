@@ -64,7 +64,8 @@ def residuals_report(study: ResidualStudy, facts: dict[str, str]) -> Report:
             Section(f"{name}: loss curves", "Mini-batch training loss at every step (solid) and held-out loss at "
                     "the eval steps (dots); every variant starts from its own init, sees the same batches.",
                     plots.loss_curves(study, testbed, deepest)),
-            Section(f"{name}: gradient norm by layer", "‖∂loss/∂h<sub>b</sub>‖ at the input of every block on the "
+            Section(f"{name}: gradient norm by layer", "‖∂loss/∂h<sub>b</sub>‖ at the input of every block on "
+                    "the "
                     "same mini-batch, at initialisation and after training, for each depth.",
                     plots.gradient_by_layer(study, testbed)),
             Section(f"{name}: the lesion test", "After training, each block in turn is deleted (its output := its "

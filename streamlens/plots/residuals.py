@@ -64,7 +64,8 @@ def gradient_by_layer(study: ResidualStudy, testbed: str) -> go.Figure:
                     line={"color": _color(variant)}, marker={"size": 4},
                     hovertemplate="block %{x}<br>‖grad‖ %{y:.3g}<extra>" + variant + "</extra>"), row=row, col=col)
     fig.update_yaxes(type="log", exponentformat="power")
-    finish(fig, f"{TESTBED_NAMES[testbed]}: gradient norm at each block's input (mean over seeds)", "block", "‖∂L/∂h‖")
+    finish(fig, f"{TESTBED_NAMES[testbed]}: gradient norm at each block's input (mean over seeds)", "block",
+           "‖∂L/∂h‖")
     fig.update_layout(height=320 * len(depths))
     return fig
 

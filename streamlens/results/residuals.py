@@ -51,12 +51,12 @@ class ResidualConfig:
     mlp_variants: tuple[str, ...] = VARIANTS
     lm_variants: tuple[str, ...] = LM_DEFAULT
     seeds: tuple[int, ...] = (0, 1, 2)
-    mlp_depths: tuple[int, ...] = (2, 16)
-    lm_depths: tuple[int, ...] = (2, 6)
+    mlp_depths: tuple[int, ...] = (2, 12)
+    lm_depths: tuple[int, ...] = (2, 4)
     cnn_depths: tuple[int, ...] = (2, 6)
-    steps: int = 100
+    steps: int = 80
     eval_every: int = 20
-    warmup: int = 20
+    warmup: int = 16
 
     def __post_init__(self) -> None:
         for name, what in (("testbeds", "testbed"), ("mlp_variants", "variant"), ("lm_variants", "variant"),
