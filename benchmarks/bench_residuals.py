@@ -30,7 +30,9 @@ def main() -> None:
     parser.add_argument("--grid", choices=sorted(GRIDS), default="full")
     parser.add_argument("--testbeds", default="mlp,lm,cnn")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--lm-depths", default=None, help="override the grid's Transformer depths, e.g. 32")
+    for option in ("lm-depths", "mlp-depths", "cnn-depths", "steps", "warmup"):
+        parser.add_argument(f"--{option}", default=None, help=f"override the grid's {option}, e.g. 32 or 2,8")
+    parser.add_argument("--variants", default=",".join(ALL), help="variants on the MLP and the Transformer")
     parser.add_argument("--save", default=None, help="write the ResidualStudy here (.safetensors)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -39,9 +41,15 @@ def main() -> None:
     from streamlens.results.residuals import ResidualConfig
 
     grid = dict(GRIDS[args.grid])
-    if args.lm_depths:
-        grid["lm_depths"] = tuple(int(d) for d in args.lm_depths.split(","))
-    config = ResidualConfig(testbeds=tuple(args.testbeds.split(",")), mlp_variants=ALL, lm_variants=ALL,
+    for option in ("lm_depths", "mlp_depths", "cnn_depths"):
+        if getattr(args, option):
+            grid[option] = tuple(int(d) for d in getattr(args, option).split(","))
+    for option in ("steps", "warmup"):
+        if getattr(args, option):
+            grid[option] = int(getattr(args, option))
+    grid["eval_every"] = min(grid["eval_every"], grid["steps"])
+    chosen = tuple(args.variants.split(","))
+    config = ResidualConfig(testbeds=tuple(args.testbeds.split(",")), mlp_variants=chosen, lm_variants=chosen,
                             seeds=tuple(int(s) for s in args.seeds.split(",")), **grid)
     started, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_utime
     study = residual_study(config, on_run=lambda run: print("done", run, flush=True), command="bench_residuals.py")
