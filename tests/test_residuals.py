@@ -338,3 +338,18 @@ def test_cli_unwritable_out_exits_2(tmp_path):
     run = CliRunner().invoke(app, ["residuals", *QUICK, "--out", str(blocker / "sub")])
     assert run.exit_code == 2 and "error:" in run.output
     assert blocker.read_text() == "x"
+
+
+def test_figures_and_page_come_from_the_result(tiny_study):
+    from streamlens.pages.residuals import residuals_files
+    from streamlens.plots import residuals as plots
+
+    deepest = plots.lesion_profile(tiny_study, "cnn")
+    assert {trace.name for trace in deepest.data} == {"plain", "residual"}
+    assert len(plots.gradient_by_layer(tiny_study, "mlp").data) == 2 * 2 * 4  # depths x (init, trained) x variants
+    assert len(plots.loss_curves(tiny_study, "lm", 2).data) == 2 * 4
+    with pytest.raises(ValueError, match="depth 7 was not run on lm"):
+        plots.loss_curves(tiny_study, "lm", 7)
+    files = residuals_files(tiny_study, "test", 1.0)
+    meta = json.loads(files["residuals.json"])  # strict JSON: no NaN
+    assert len(meta["verdicts"]) == 9 and meta["summary"]["cnn"]["residual"]["2"]["final_heldout_accuracy"]["per_seed"]
