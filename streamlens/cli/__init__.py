@@ -11,5 +11,6 @@ from streamlens.cli import ablate, decompose, highway, layers, report  # noqa: F
 from streamlens.cli import check  # noqa: F401  (streamlens check)
 from streamlens.cli import identity, lens  # noqa: F401  (what the stream carries: issue 13)
 from streamlens.cli import prune  # noqa: F401  (streamlens prune: issue 20)
+from streamlens.cli import residuals  # noqa: F401  (the residual family: issue 22)
 
 __all__ = ["app", "fail"]

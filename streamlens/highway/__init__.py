@@ -12,6 +12,11 @@ Two measurements, each in its own module:
 - `highway.real`: per-layer gradients of the LM loss in a real model, with the skips of chosen blocks
   removed (`skip_gradients(model, tokens, removed) -> RealHighway`).
 
+The residual family (issue 22) adds `highway.variants` (plain, pre/post-norm, highway, ReZero,
+DenseFormer, concatenation: one module each around a sublayer F), `highway.testbeds` (toy MLP,
+character Transformer, digits CNN), `highway.training`, `highway.lesion` (Veit et al. 2016),
+`highway.study` (`residual_study(ResidualConfig(...)) -> ResidualStudy`) and `highway.verdicts`.
+
 This package re-exports both; their results live in `streamlens.results.highway`, the page that
 composes them in `streamlens.pages.highway`.
 """
@@ -33,10 +38,13 @@ from streamlens.highway.toy import (
     zero_branch_check,
 )
 
+from streamlens.highway.study import residual_study
+from streamlens.highway.verdicts import residual_verdicts
 from streamlens.results.highway import ALL_SKIPS, RealHighway, ToyConfig, ToyHighway, condition_label
+from streamlens.results.residuals import ResidualConfig, ResidualStudy
 
 __all__ = [
-    "ALL_SKIPS", "KINDS", "RealHighway", "Stack", "ToyConfig", "ToyHighway", "condition_label",
-    "highway_tokens", "make_stack", "parse_layers", "skip_gradients", "skip_removal_hooks", "torch_init_ratio", "toy_highway",
-    "zero_branch_check",
+    "ALL_SKIPS", "KINDS", "RealHighway", "ResidualConfig", "ResidualStudy", "Stack", "ToyConfig", "ToyHighway",
+    "condition_label", "highway_tokens", "make_stack", "parse_layers", "residual_study", "residual_verdicts",
+    "skip_gradients", "skip_removal_hooks", "torch_init_ratio", "toy_highway", "zero_branch_check",
 ]
