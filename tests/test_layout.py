@@ -15,7 +15,7 @@ PACKAGE = ROOT / "streamlens"
 
 # Top to bottom. A module may import from its own layer and the layers above it, never below.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("__init__", "files", "sites"),                # foundations: no streamlens imports (the package's
+    ("__init__", "files", "sites", "stats"),       # foundations: no streamlens imports (the package's
                                                    # own __init__ loads its exports lazily, by name)
     ("model", "testing"),                          # the only code touching transformer-lens / HF
     ("data",),                                     # text sources, windows, prompt sets
@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("corpus", "sources", "identity", "tunedlens"),  # what the stream carries: windows by text, attention
                                                    # sources, token identity, the tuned lens
     ("layers",),                                   # scores, repair, verdict, study
+    ("prune",),                                    # judge a pruned model against the full one, heal it
     ("plots",),                                    # figures from results only
     ("pages",),                                    # HTML pages composed from figures
     ("cli", "__main__"),                           # parse -> call -> page -> write
@@ -37,11 +38,12 @@ INNER: dict[str, tuple[str, ...]] = {
                  "__init__"),
     "highway": ("real", "toy", "__init__"),
     "layers": ("scores", "repair", "verdict", "study", "__init__"),
-    "model": ("fidelity", "handle", "cache", "folders", "loading", "__init__"),
+    "model": ("fidelity", "handle", "cache", "folders", "loading", "hf", "generate", "train", "lmeval", "__init__"),
     "results": ("base", "stream", "ablation", "highway", "check", "sources", "identity", "tunedlens", "layers",
-                "__init__"),
+                "pruned", "__init__"),
     "identity": ("probe", "measure", "__init__"),
     "tunedlens": ("train", "evaluate", "__init__"),
+    "prune": ("evaluate", "heal", "__init__"),
     "pages": ("html", "ablation", "attribution", "highway", "carry", "layers", "report", "__init__"),
 }
 
