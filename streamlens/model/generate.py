@@ -10,6 +10,7 @@ Identity: each generated token is the argmax of the full (uncached) forward over
 from __future__ import annotations
 
 import contextlib
+import inspect
 import statistics
 import time
 from collections.abc import Iterator, Sequence
@@ -64,13 +65,15 @@ def greedy(hf_model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> 
     """
     if new_tokens < 1:
         raise ValueError(f"new tokens {new_tokens} must be at least 1")
+    # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns, then goes)
+    name = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
     started = time.perf_counter()
     out = hf_model(input_ids=prompt, use_cache=True)
     token = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
     prefilled = time.perf_counter()
     generated = [token]
     for _ in range(new_tokens - 1):
-        out = hf_model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+        out = hf_model(input_ids=token, use_cache=True, **{name: getattr(out, name)})
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         generated.append(token)
     done = time.perf_counter()

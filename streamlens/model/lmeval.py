@@ -49,8 +49,11 @@ def run_tasks(folder: str | os.PathLike[str], tasks: Sequence[str] = (TASK,), in
     path = Path(folder)
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a model folder (no config.json): give an exported HF folder")
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ImportError("running lm-evaluation-harness needs lm-eval: pip install 'streamlens[prune]'") from None
 
     # include_defaults=False: indexing lm-eval's thousands of built-in task files costs ~20 s of CPU
     manager = TaskManager(include_path=str(include_path or task_folder()), include_defaults=False)

@@ -108,7 +108,10 @@ def wrap_lora(hf_model: torch.nn.Module, rank: int, alpha: float, seed: int) -> 
     """The model with LoRA adapters (rank `rank`, scale alpha / rank) on every linear layer but the
     unembedding; only the adapters train. The adapters start at B = 0, so the wrapped model computes
     exactly the original's logits before the first step."""
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("LoRA healing needs peft: pip install 'streamlens[prune]' (or use mode='full')") from None
 
     torch.manual_seed(seed)  # the A matrices are drawn at random
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules="all-linear")
