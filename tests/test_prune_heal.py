@@ -133,7 +133,8 @@ def test_prompt_accuracy_is_the_top_token_after_each_prompt(pair, folders, tmp_p
         expected.append(row)
     assert correct.tolist() == expected
     settings = EvaluateSettings(**{**QUICK.__dict__, "prompts": str(path)})
-    assert compare(full, pruned, window_batch(full.to_tokens("w3 w4 w5 w6")), settings).prompt_correct.tolist() == expected
+    result = compare(full, pruned, window_batch(full.to_tokens("w3 w4 w5 w6")), settings)
+    assert result.prompt_correct.tolist() == expected
 
 
 def test_size_speed_and_generations(folders, comparison):

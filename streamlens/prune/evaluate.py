@@ -46,7 +46,7 @@ class EvaluateSettings:
     speed_new_tokens: int = 32
     repeats: int = 3
     threads: int = 1
-    chunk: int = 8
+    chunk: int = 4
     n_boot: int = 1000
     seed: int = 0
     level: float = 0.95
@@ -60,7 +60,7 @@ def check_pair(full: Model, pruned: Model) -> None:
 
 
 @torch.no_grad()
-def prediction_metrics(full: Model, pruned: Model, batch: TokenBatch, chunk: int = 8) -> dict[str, torch.Tensor]:
+def prediction_metrics(full: Model, pruned: Model, batch: TokenBatch, chunk: int = 4) -> dict[str, torch.Tensor]:
     """Per-text means of each prediction metric on `batch` (see the module docstring).
 
     Returns:
@@ -68,8 +68,8 @@ def prediction_metrics(full: Model, pruned: Model, batch: TokenBatch, chunk: int
     """
     if chunk < 1:
         raise ValueError(f"chunk {chunk} must be at least 1")
-    values: dict[str, list[torch.Tensor]] = {name: [] for name in
-                                             ("loss_full", "loss_pruned", "kl", "agreement", "top1_full", "top1_pruned")}
+    names = ("loss_full", "loss_pruned", "kl", "agreement", "top1_full", "top1_pruned")
+    values: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     text_of = []
     for start in range(0, batch.n_texts, chunk):
         rows = batch.rows(slice(start, start + chunk))
@@ -129,7 +129,8 @@ def compare(full: Model, pruned: Model, batch: TokenBatch, settings: EvaluateSet
         generations_pruned=generations[1], n_boot=settings.n_boot, seed=settings.seed, level=settings.level)
 
 
-def file_sizes(full: Model, pruned: Model, folders: tuple[str | Path | None, str | Path | None]) -> tuple[int, ...] | None:
+def file_sizes(full: Model, pruned: Model,
+               folders: tuple[str | Path | None, str | Path | None]) -> tuple[int, ...] | None:
     """Bytes of each model's weights on disk, or None when either was loaded from no local folder or
     file (a hub name) and none was given; a given path that holds no weights raises."""
     paths = []

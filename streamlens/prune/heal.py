@@ -70,7 +70,8 @@ def heal(pruned: Model, train_tokens: torch.Tensor, eval_batch: TokenBatch, fold
                   "pruned_model": pruned.info.name, "pruned_weights_hash": pruned.info.weights_hash},
         data=eval_batch.description, train_data=train_data, folder=str(folder),
         loss_before=before["loss"][1], loss_after=after["loss"][1],
-        kl_before=before["kl"] if teacher is not None else empty, kl_after=after["kl"] if teacher is not None else empty,
+        kl_before=before["kl"] if teacher is not None else empty,
+        kl_after=after["kl"] if teacher is not None else empty,
         train_loss=losses, seconds=seconds, cpu_seconds=cpu_seconds,
         n_boot=n_boot, seed=seed, level=level)
     return healed, result
