@@ -15,7 +15,7 @@ clean distribution p enters through one [N, d_model] vector). `token_metrics` tu
 `LogitStats` into the metrics; identical inputs give exactly zero change and agreement one.
 
 Uncertainty: `per_text_means` averages a metric over each text's scored predictions; the point
-estimate is the mean over texts and `bootstrap_ci` resamples *texts* (windows or prompts) with
+estimate is the mean over texts and `stats.bootstrap_mean_ci` resamples *texts* (windows or prompts) with
 replacement, so predictions of one text are never treated as independent.
 """
 
@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from streamlens import stats
 
 TEXT_METRICS = ("loss_increase", "kl", "top1_agreement")
 TARGET_METRICS = ("target_logit_change", "target_prob_change")
@@ -215,34 +217,14 @@ def per_text_means(values: torch.Tensor, text_index: torch.Tensor, n_texts: int)
     return sums / counts
 
 
-def bootstrap_indices(n_texts: int, n_boot: int = 1000, seed: int = 0) -> torch.Tensor:
-    """[n_boot, n_texts] text indices drawn with replacement from a seeded generator."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, n_texts, (n_boot, n_texts), generator=generator)
+def metric_index(metrics: tuple[str, ...], name: str | None) -> int:
+    """Index of metric `name` (None: the first) in a result's `metrics`; a ValueError names the valid ones."""
+    chosen = name or metrics[0]
+    if chosen not in metrics:
+        raise ValueError(f"metric {chosen!r} not in this result: choose from {', '.join(metrics)}")
+    return metrics.index(chosen)
 
 
-def bootstrap_ci(per_text: torch.Tensor, n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean over texts with a percentile bootstrap interval.
-
-    The resampling unit is the text (a window or a prompt): each bootstrap replicate draws
-    n_texts texts with replacement and averages their per-text means. The same replicates are
-    used for every row, so units are compared on common draws.
-
-    Args:
-        per_text: [..., n_texts] per-text values.
-
-    Returns:
-        (estimate, low, high), each [...]; `estimate` is the plain mean over texts.
-    """
-    if not 0 < level < 1:
-        raise ValueError(f"confidence level {level} must be between 0 and 1")
-    values = per_text.double().cpu()
-    estimate = values.mean(-1)
-    if values.shape[-1] < 2:  # one text: no spread to resample
-        return estimate, estimate.clone(), estimate.clone()
-    draws = values[..., bootstrap_indices(values.shape[-1], n_boot, seed)].mean(-1)  # [..., n_boot]
-    alpha = (1 - level) / 2
-    low = torch.quantile(draws, alpha, dim=-1)
-    high = torch.quantile(draws, 1 - alpha, dim=-1)
-    return estimate, low, high
+# the bootstrap over texts lives in `streamlens.stats`; these names stay for notebooks and the README
+bootstrap_indices = stats.bootstrap_indices
+bootstrap_ci = stats.bootstrap_mean_ci
