@@ -27,13 +27,13 @@ def check_disjoint(train_tokens: torch.Tensor, eval_tokens: torch.Tensor) -> Non
     This catches the common mistake (the same windows passed twice); choosing texts that do not
     overlap at all is the caller's job (e.g. different files of a corpus).
     """
-    if train_tokens.shape[-1] != eval_tokens.shape[-1]:
-        return
-    same = (train_tokens[:, None, :] == eval_tokens[None, :, :].to(train_tokens.device)).all(-1)  # [train, eval]
-    if same.any():
-        row, col = (int(i) for i in torch.nonzero(same)[0])
-        raise ValueError(f"training window {row} is held-out window {col} ({int(same.any(0).sum())} held-out "
-                         f"windows in all): heal on texts disjoint from the evaluation set")
+    held_out = {tuple(row): index for index, row in enumerate(eval_tokens.tolist())}
+    repeated = [(row, held_out[tuple(window)]) for row, window in enumerate(train_tokens.tolist())
+                if tuple(window) in held_out]
+    if repeated:
+        row, col = repeated[0]
+        raise ValueError(f"training window {row} is held-out window {col} ({len(repeated)} training windows "
+                         f"repeat held-out ones): heal on texts disjoint from the evaluation set")
 
 
 def heal(pruned: Model, train_tokens: torch.Tensor, eval_batch: TokenBatch, folder: str | Path,
