@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--speed-threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="/tmp/prune-bench")
+    parser.add_argument("--skip-compare", action="store_true", help="only heal (and its before/after)")
+    parser.add_argument("--skip-heal", action="store_true", help="only compare")
     args = parser.parse_args()
     first, last = (int(v) for v in args.drop.split("-"))
     removed = list(range(first, last + 1))
@@ -98,6 +100,13 @@ def main() -> None:
     batch = window_batch(eval_tokens, description=f"stdlib {len(EVAL_FILES)} files ({len(eval_tokens)} windows "
                                                   f"of {args.window})")
 
+    if not args.skip_compare:
+        run_compare(full, pruned, batch, pruned_folder, out, args, clock)
+    if not args.skip_heal:
+        run_heal(full, pruned, batch, train_tokens, out, args, clock)
+
+
+def run_compare(full, pruned, batch, pruned_folder: Path, out: Path, args: argparse.Namespace, clock: float) -> None:
     started, cpu = time.perf_counter(), time.process_time()
     settings = EvaluateSettings(threads=args.speed_threads, repeats=args.repeats, new_tokens=24)
     comparison = compare(full, pruned, batch, settings, folders=(None, pruned_folder))
@@ -114,8 +123,9 @@ def main() -> None:
         print(f"\nPROMPT {row.prompt!r}\n  full:   {row.full!r}\n  pruned: {row.pruned!r}")
     comparison.save(out / "comparison.safetensors")
     print(flush=True)
-    del comparison
 
+
+def run_heal(full, pruned, batch, train_tokens, out: Path, args: argparse.Namespace, clock: float) -> None:
     train_settings = TrainSettings(steps=args.steps, mode=args.mode, loss=args.loss, lr=args.lr,
                                    batch_size=args.batch_size, threads=args.threads)
     healed_folder = out / f"smollm2-drop-{args.drop}-healed-{args.mode}-{args.loss}-{args.steps}"
@@ -128,7 +138,7 @@ def main() -> None:
     print("train loss every 10 steps:", [round(float(v), 3) for v in result.train_loss[::10]])
     print(result.to_dataframe().to_string(index=False))
     result.save(out / "heal.safetensors")
-    print(json.dumps({"pruned_folder": str(pruned_folder), "healed_folder": str(healed_folder)}))
+    print(json.dumps({"healed_folder": str(healed_folder)}))
 
 
 if __name__ == "__main__":
