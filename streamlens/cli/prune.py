@@ -44,23 +44,8 @@ def prune(
     from pathlib import Path
 
     started = time.perf_counter()
-    check_at_least(("--blocks", blocks, 1), ("--compare-up-to", compare_up_to, 1),
-                   ("--choice-windows", choice_windows, 2), ("--eval-windows", eval_windows, 2),
-                   ("--proof-windows", proof_windows, 1), ("--batch-size", batch_size, 1),
-                   ("--bootstrap", n_boot, MIN_BOOTSTRAP))
-    if budget is not None and blocks is not None:
-        fail("give --blocks or --budget, not both")
-    if budget is not None and not budget >= 0:
-        fail(f"--budget {budget} must be at least 0 nats")
-    from streamlens.results.prune import KINDS, STRATEGIES
-
-    if strategy not in KINDS:
-        fail(f"unknown --strategy {strategy!r}: choose from {', '.join(STRATEGIES)}")
-    if export and KINDS[strategy] != "block":
-        fail(f"--strategy {strategy} removes {KINDS[strategy]} sublayers, which no HF config of the families streamlens "
-             f"checks can express (a block without its {KINDS[strategy]}): it is measured only; pass --no-export")
-    if gguf and not export:
-        fail("--gguf writes into the export folder: drop --no-export")
+    _check_options(blocks, budget, strategy, compare_up_to, choice_windows, eval_windows, proof_windows, batch_size,
+                   n_boot, export, gguf)
     from streamlens import data as D
 
     folder = (export_dir or str(Path(output.out) / "model")) if export else None
@@ -100,6 +85,29 @@ def prune(
                 "choice_windows": choice_windows, "eval_windows": eval_windows, "gguf": gguf,
                 "proof_windows": proof_windows, "seed": seed, "batch_size": batch_size, "threads": threads}
     _write(run, output, started, settings)
+
+
+
+def _check_options(blocks, budget, strategy, compare_up_to, choice_windows, eval_windows, proof_windows, batch_size,
+                   n_boot, export, gguf) -> None:
+    """The options that need no model, checked before any work (bad ones exit 2)."""
+    check_at_least(("--blocks", blocks, 1), ("--compare-up-to", compare_up_to, 1),
+                   ("--choice-windows", choice_windows, 2), ("--eval-windows", eval_windows, 2),
+                   ("--proof-windows", proof_windows, 1), ("--batch-size", batch_size, 1),
+                   ("--bootstrap", n_boot, MIN_BOOTSTRAP))
+    if budget is not None and blocks is not None:
+        fail("give --blocks or --budget, not both")
+    if budget is not None and not budget >= 0:
+        fail(f"--budget {budget} must be at least 0 nats")
+    from streamlens.results.prune import KINDS, STRATEGIES
+
+    if strategy not in KINDS:
+        fail(f"unknown --strategy {strategy!r}: choose from {', '.join(STRATEGIES)}")
+    if export and KINDS[strategy] != "block":
+        fail(f"--strategy {strategy} removes {KINDS[strategy]} sublayers, which no HF config of the families streamlens "
+             f"checks can express (a block without its {KINDS[strategy]}): it is measured only; pass --no-export")
+    if gguf and not export:
+        fail("--gguf writes into the export folder: drop --no-export")
 
 
 def _config(loaded, blocks, budget, strategy, compare_up_to, folder, gguf, proof_windows, seed, batch_size, n_boot,

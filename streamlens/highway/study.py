@@ -17,7 +17,8 @@ import torch
 
 from streamlens.highway.lesion import lesion_profile
 from streamlens.highway.testbeds import Testbed, load_testbed
-from streamlens.highway.training import build_model, one_thread, train_run
+from streamlens.highway.toy import one_thread
+from streamlens.highway.training import build_model, train_run
 from streamlens.results import Provenance, command_line, package_version
 from streamlens.results.residuals import ResidualConfig, ResidualStudy
 

@@ -90,7 +90,8 @@ class Stack(nn.Module):
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
+    """Run on one torch thread (tiny tensors: threads only add overhead; one thread makes runs bit-equal)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -208,7 +209,7 @@ def toy_highway(
     grad_norm = torch.full((*shape, max_depth), float("nan"), dtype=DTYPE)
     loss = torch.zeros(shape, dtype=DTYPE)
     final_loss = torch.zeros(shape[:2], dtype=DTYPE)
-    with _one_thread():
+    with one_thread():
         x, y = teacher_task(config)
         for d, depth in enumerate(config.depths):
             for k, kind in enumerate(KINDS):

@@ -9,10 +9,8 @@ keeps. Everything is deterministic on one CPU thread, except the step times.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,17 +30,6 @@ class RunRecord:
     grad_norm: torch.Tensor
     saved_bytes: int
     step_seconds: float
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run on one torch thread (tiny tensors: threads only add overhead; one thread makes runs bit-equal)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def build_model(testbed: Testbed, variant: str, depth: int, seed: int) -> nn.Module:

@@ -15,11 +15,11 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-def _sites(value: Any) -> tuple:
+def as_sites(value: Any) -> tuple:
     """Sites as given, or as labels read back from JSON ("attn 3", "L3H2"; nested for sets)."""
     if isinstance(value, (Site, str)):
         return Site.parse(value) if isinstance(value, str) else value
-    return tuple(_sites(item) for item in value)
+    return tuple(as_sites(item) for item in value)
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class AblationResult(Damage):
     measured: Bool[torch.Tensor, "row"] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sites", _sites(self.sites))
+        object.__setattr__(self, "sites", as_sites(self.sites))
 
     @property
     def units(self) -> tuple[str, ...]:
@@ -138,7 +138,7 @@ class CumulativeAblation(Damage):
     effect: str = "total"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sites", _sites(self.sites))
+        object.__setattr__(self, "sites", as_sites(self.sites))
 
     @property
     def units(self) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float
 
-from streamlens.results.ablation import AblationResult, CumulativeAblation, _sites
+from streamlens.results.ablation import AblationResult, CumulativeAblation, as_sites
 from streamlens.results.base import Provenance, Result, frame
 from streamlens.sites import Site
 
@@ -93,7 +93,7 @@ class SelfRepair(Result):
     data: str
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sites", _sites(self.sites))
+        object.__setattr__(self, "sites", as_sites(self.sites))
 
     def repaired_fraction(self, texts: torch.Tensor | None = None) -> torch.Tensor:
         """Per unit: (direct - total) / direct on the mean over `texts` (all by default) [unit]."""
