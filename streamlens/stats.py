@@ -34,6 +34,9 @@ def percentile_interval(draws: torch.Tensor, level: float = 0.95, dim: int = -1)
     """(low, high): the (1 - level) / 2 and (1 + level) / 2 quantiles of `draws` along `dim`
     (linear interpolation, as `numpy.quantile`); each has `draws`' shape without `dim`."""
     alpha = (1 - check_level(level)) / 2
+    if draws.numel() == 0:  # nothing to resample (e.g. an evaluation of no specs): empty intervals
+        empty = draws.sum(dim)  # draws' shape without `dim`, all zeros
+        return empty, empty.clone()
     return torch.quantile(draws, alpha, dim=dim), torch.quantile(draws, 1 - alpha, dim=dim)
 
 

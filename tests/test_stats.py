@@ -83,3 +83,10 @@ def test_paired_difference_ci_sees_a_shift_that_unpaired_noise_hides():
     assert 0 < float(low) < 0.1 < float(high) < 0.2
     with pytest.raises(ValueError, match="same texts"):
         S.paired_difference_ci(a, b[:-1])
+
+
+def test_no_values_give_empty_intervals_of_the_reduced_shape():
+    """An evaluation of no specs ([0 unit, metric, text]) has no CIs to compute, not an error."""
+    per_text = torch.zeros(0, 2, 5, dtype=torch.float64)
+    estimate, low, high = S.bootstrap_mean_ci(per_text, n_boot=50, seed=0)
+    assert estimate.shape == low.shape == high.shape == (0, 2)
