@@ -21,7 +21,6 @@ import sysconfig
 import time
 from pathlib import Path
 
-import torch
 
 from streamlens.data import token_windows, window_batch
 from streamlens.model import load_model
@@ -41,28 +40,13 @@ def stdlib_texts(names: tuple[str, ...]) -> list[str]:
 
 
 def drop_blocks(source: Path, out: Path, removed: list[int]) -> Path:
-    """Write `source` without the blocks `removed` (llama layout) to `out`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Write `source` without the blocks `removed` to `out` (`model.export.drop_blocks`, saved atomically)."""
+    from streamlens.model import export as E
 
     if out.exists():
         return out
-    full = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(source)
-    keep = [layer for layer in range(config.num_hidden_layers) if layer not in removed]
-    config.num_hidden_layers = len(keep)
-    pruned = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = {}
-    for name, tensor in full.state_dict().items():
-        if name.startswith("model.layers."):
-            index, rest = name.split(".", 3)[2:]
-            if int(index) not in keep:
-                continue
-            name = f"model.layers.{keep.index(int(index))}.{rest}"
-        state[name] = tensor
-    pruned.load_state_dict(state, strict=True)
-    pruned.save_pretrained(out)
-    AutoTokenizer.from_pretrained(source).save_pretrained(out)
-    return out
+    full, tokenizer = E.load_hf(source, dtype="float32")
+    return E.save_folder(E.drop_blocks(full, removed), tokenizer, out)
 
 
 def main() -> None:
