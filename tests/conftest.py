@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
 
 from streamlens.model import Model, load_model
 from streamlens.testing import tiny_model_folder
+
+
+def _one_thread_per_worker() -> None:
+    """Under pytest-xdist (`-n auto`, one worker per core), torch's default of one thread per core in
+    every worker would ask for workers x cores threads: each worker takes its share of the cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        share = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(share)
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))  # the notebooks' kernels and CLI subprocesses
+
+
+_one_thread_per_worker()
 
 
 @pytest.fixture(scope="session", params=["llama", "gpt2"])

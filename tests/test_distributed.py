@@ -32,6 +32,7 @@ needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="
                                "pip install 'streamlens[ray]'")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
 runner = CliRunner()
+pytestmark = pytest.mark.xdist_group("ray")  # one worker runs them all: one Ray cluster at a time
 ROOT = Path(__file__).resolve().parents[1]
 
 
