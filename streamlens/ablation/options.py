@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 
+from streamlens import metrics as M
+from streamlens.data import TokenBatch
+
 MIN_BOOTSTRAP = 40  # fewer replicates leave a 2.5% tail of the 95% interval without a single draw
 BOOTSTRAP_MEMORY_SHARE = 0.5  # the bootstrap's draws may take at most this share of the available memory
 
@@ -100,3 +103,9 @@ class EvalOptions:
             yield
         finally:
             torch.set_num_threads(before)
+
+
+def metric_names(metrics: Sequence[str] | None, batch: TokenBatch) -> tuple[str, ...]:
+    """The checked metric names (None: every metric that applies to `batch`)."""
+    has_targets = batch.targets is not None
+    return M.check_metrics(tuple(metrics), has_targets) if metrics is not None else M.default_metrics(has_targets)
