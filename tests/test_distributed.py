@@ -6,6 +6,7 @@ Ray tests share one local cluster (2 CPUs) for this module and skip where Ray is
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -24,6 +25,7 @@ from typer.testing import CliRunner
 from streamlens import ablation as A
 from streamlens import data as D
 from streamlens.ablation import backends as B
+from streamlens.ablation import placement as C
 from streamlens.cli import app
 from streamlens.model import load_model
 from streamlens.testing import tiny_model_folder
@@ -199,12 +201,12 @@ def test_bad_backend_options_exit_2(folder, tmp_path, option, value, message):
 
 
 def test_auto_batch_size_follows_free_memory(model):
-    seven_b = B.ModelInfo("7b", "", "", "Llama", 32, 32, 4096, 128, 32000, 4096, "rms", "bfloat16", "cuda", 0.0)
-    sizes = [B.auto_batch_size(seven_b, 512, gib << 30) for gib in (0, 1, 10, 40, 65, 1000)]
+    seven_b = C.ModelInfo("7b", "", "", "Llama", 32, 32, 4096, 128, 32000, 4096, "rms", "bfloat16", "cuda", 0.0)
+    sizes = [C.auto_batch_size(seven_b, 512, gib << 30) for gib in (0, 1, 10, 40, 65, 1000)]
     assert sizes[0] == 1 and sizes == sorted(sizes) and sizes[-1] == 256
-    float32 = B.auto_batch_size(B.dataclasses.replace(seven_b, dtype="float32"), 512, 65 << 30)
-    assert float32 < B.auto_batch_size(seven_b, 512, 65 << 30)  # twice the bytes per value
-    assert B.auto_batch_size(seven_b, 1024, 65 << 30) < B.auto_batch_size(seven_b, 512, 65 << 30)
+    float32 = C.auto_batch_size(dataclasses.replace(seven_b, dtype="float32"), 512, 65 << 30)
+    assert float32 < C.auto_batch_size(seven_b, 512, 65 << 30)  # twice the bytes per value
+    assert C.auto_batch_size(seven_b, 1024, 65 << 30) < C.auto_batch_size(seven_b, 512, 65 << 30)
 
 
 # ----- Ray ------------------------------------------------------------------------------------------
@@ -272,7 +274,7 @@ def test_cuda_run_matches_cpu(folder, batch, dtype, tolerance):
     specs = _specs(cpu)
     on_cpu = A.evaluate(cpu, batch, specs, batch_size=4, n_boot=100)
     gpu_batch = D.window_batch(batch.tokens.to("cuda"), description=batch.description)
-    size = B.auto_batch_size(gpu.info, 12, B.free_memory("cuda"))
+    size = C.auto_batch_size(gpu.info, 12, B.free_memory("cuda"))
     on_gpu = A.evaluate(gpu, gpu_batch, specs, batch_size=min(size, 4), n_boot=100)
     assert on_gpu.provenance.device.startswith("cuda")
     torch.testing.assert_close(on_gpu.per_text, on_cpu.per_text, rtol=0, atol=tolerance)

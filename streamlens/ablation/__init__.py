@@ -30,7 +30,7 @@ Modules, each importing only those before it: `spec` (what an ablation is), `opt
 `apply` (hooks and the `ablated` context manager), `engine` (the one loop of fast evaluation),
 `sweeps` (evaluate, sweep, cumulative: specs in, a result with bootstrap CIs out), `checkpoint`
 (shards of a call, and the files that let a killed run resume), `backends` (the shards in this
-process or on Ray workers), `swap` (layer swaps as specs), `attribute`
+process or on Ray workers), `placement` (which backend and batch size a run gets), `swap` (layer swaps as specs), `attribute`
 (a package: estimates of every unit at once, AtP, AtP*, integrated gradients, second order, checked
 against the engine, and the exact top K measured in the estimate's order).
 """

@@ -47,7 +47,7 @@ def standard_report(
             built-in prompt set scored at each prompt's last token; "builtin" text; a file; a text).
         log: called with a short line as each analysis starts (progress on the command line).
         lens: a trained tuned lens (`streamlens lens train`): adds logit-vs-tuned lens figures on the prompt.
-        backend: where the ablation sweeps run (`ablation.backends.choose_backend`; None: here).
+        backend: where the ablation sweeps run (`ablation.placement.choose_backend`; None: here).
     """
     from streamlens import data as D
 
