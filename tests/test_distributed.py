@@ -26,6 +26,7 @@ from streamlens import ablation as A
 from streamlens import data as D
 from streamlens.ablation import backends as B
 from streamlens.ablation import placement as C
+from streamlens.ablation.engine import Engine
 from streamlens.cli import app
 from streamlens.model import load_model
 from streamlens.testing import tiny_model_folder
@@ -89,7 +90,7 @@ def _same(result, reference, tolerance=1e-12):
 # ----- shards and checkpoints, in this process ------------------------------------------------------
 def test_shards_cover_every_spec_and_text_once(model, batch):
     specs = _specs(model)
-    engine = A.engine._engine(model, batch, A.EvalOptions(batch_size=4))
+    engine = Engine.of(model, batch, A.EvalOptions(batch_size=4))
     seen = torch.zeros(len(specs), batch.n_texts, dtype=torch.long)
     for shard in B.plan(engine, specs):
         seen[list(shard.specs), shard.start:shard.stop] += 1
@@ -105,7 +106,7 @@ def test_local_backend_with_checkpoint_equals_one_call(model, batch, tmp_path):
                          progress=counted.append)
     _same(sharded, reference, 0)
     assert sum(counted) == len(specs) * 3  # (spec, chunk) evaluations, as without a backend
-    assert len(list((tmp_path / "ck").rglob("*.safetensors"))) == len(B.plan(A.engine._engine(
+    assert len(list((tmp_path / "ck").rglob("*.safetensors"))) == len(B.plan(Engine.of(
         model, batch, A.EvalOptions(batch_size=4)), specs))
 
 
@@ -134,7 +135,7 @@ def test_killed_with_sigkill_halfway_then_resumed(folder, model, batch, tmp_path
     assert (tmp_path / "modules.txt").read_text() == "False"  # importing streamlens.ablation does not load Ray
     files = sorted((tmp_path / "ck").rglob("*.safetensors"))
     specs = _specs(model)
-    total = len(B.plan(A.engine._engine(model, batch, A.EvalOptions(batch_size=4)), specs))
+    total = len(B.plan(Engine.of(model, batch, A.EvalOptions(batch_size=4)), specs))
     assert 0 < len(files) < total
     files[0].write_bytes(files[0].read_bytes()[:-20])  # as if torn by a power cut: computed again
 

@@ -358,5 +358,3 @@ class Backend(Protocol):
         """`engine.per_text(specs, progress)`, computed elsewhere; fills `engine.clean_loss` too."""
         ...
 
-
-_engine = Engine.of  # the name tests/test_distributed.py uses
