@@ -202,12 +202,13 @@ def test_identity_refuses_an_alpha_that_makes_no_sense_before_loading(tmp_path, 
 
 
 def test_one_bootstrap_minimum_for_every_command(tmp_path):
-    from streamlens.ablation import MIN_BOOTSTRAP, EvalOptions
-    from streamlens.cli import common
+    from streamlens.ablation import EvalOptions
+    from streamlens.limits import check_n_boot
 
-    assert common.MIN_BOOTSTRAP == MIN_BOOTSTRAP
-    with pytest.raises(ValueError, match="at least 40"):
-        EvalOptions(n_boot=10)
+    assert check_n_boot(40) == 40  # the rule's own edge: 40 passes, 39 does not
+    for refuse in (lambda: check_n_boot(39), lambda: EvalOptions(n_boot=39)):
+        with pytest.raises(ValueError, match="--bootstrap 39 must be a whole number of at least 40"):
+            refuse()
     for command in (["layers"], ["ablate"]):
         one_error(run(*command, "--model", tmp_path / "no-model", "--bootstrap", "10", "--out", tmp_path / "o"),
                   "--bootstrap 10", "at least 40")
@@ -251,11 +252,11 @@ def test_an_absurd_bootstrap_is_refused_up_front_and_leaves_nothing(folder, tmp_
 def test_a_bootstrap_too_big_for_these_texts_is_refused_before_the_sweep(folder, tiny_tokens, monkeypatch):
     from streamlens import ablation as A
     from streamlens import data as D
-    from streamlens.ablation import options
+    from streamlens import limits
 
     model = load_model(str(folder))
     batch = D.window_batch(tiny_tokens)
-    monkeypatch.setattr(options, "available_memory", lambda: 8 * 40 * 2 * 3)  # room for the smallest run only
+    monkeypatch.setattr(limits, "available_memory", lambda: 8 * 40 * 2 * 3)  # room for the smallest run only
     with pytest.raises(ValueError, match="use at most"):
         A.sweep(model, batch, "block", n_boot=40, progress=lambda n: pytest.fail("evaluated before refusing"))
 

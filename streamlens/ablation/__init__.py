@@ -41,9 +41,10 @@ from streamlens.ablation.checkpoint import Checkpoint, CheckpointMismatch
 from streamlens.ablation.sweeps import by_damage, cumulative, cumulative_evaluations, evaluate, sweep
 from streamlens.ablation.attribute import (ESTIMATES, GRADIENT_METRICS, ExactTop, agreement, attribute, exact_top,
                                           method_label, verify)
-from streamlens.ablation.options import MIN_BOOTSTRAP, EvalOptions, check_n_boot
+from streamlens.ablation.options import EvalOptions
 from streamlens.ablation.replace import donor_rows
 from streamlens.ablation.spec import CUMULATIVE_MODES, EFFECTS, METHODS, UNIT_KINDS, Ablation, units
+from streamlens.limits import MIN_BOOTSTRAP, check_n_boot
 
 __all__ = ["CUMULATIVE_MODES", "EFFECTS", "ESTIMATES", "GRADIENT_METRICS", "METHODS", "MIN_BOOTSTRAP", "UNIT_KINDS",
            "Ablation", "Checkpoint", "CheckpointMismatch", "EvalOptions", "ExactTop", "LocalBackend", "RayBackend",

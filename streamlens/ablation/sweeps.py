@@ -18,9 +18,10 @@ import torch
 from streamlens import metrics as M
 from streamlens.stats import bootstrap_mean_ci
 from streamlens.ablation.engine import Added, Backend, Engine, Spec
-from streamlens.ablation.options import EvalOptions, check_bootstrap_memory
+from streamlens.ablation.options import EvalOptions
 from streamlens.ablation.spec import CUMULATIVE_MODES, Ablation, Progress, units
 from streamlens.data import TokenBatch
+from streamlens.limits import check_bootstrap_memory
 from streamlens.model import Model
 from streamlens.results import AblationResult, CumulativeAblation, Provenance, command_line
 from streamlens.sites import Site
