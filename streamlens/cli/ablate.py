@@ -80,8 +80,6 @@ def ablate(
     import time
 
     started = time.perf_counter()
-    from streamlens import ablation as A
-
     effects = _check_choices(unit, method, effect, cumulative)
     check_at_least(("--batch-size", batch_size, 1), ("--seed", seed, 0))
     metric_list = None if metrics is None else [name.strip() for name in metrics.split(",") if name.strip()]
