@@ -47,7 +47,7 @@ def functions(tree: ast.AST) -> list[tuple[str, int, int, int]]:
     return found
 
 
-def private_uses(tree: ast.AST, module: str) -> list[str]:
+def private_uses(tree: ast.AST) -> list[str]:
     """`from streamlens... import _x` and `alias._x` on an imported streamlens module, as 'line: text'."""
     uses, aliases = [], set()
     for node in ast.walk(tree):
@@ -101,7 +101,7 @@ def main() -> int:
     private = []
     for folder in ("streamlens", "tests", "benchmarks"):
         for path in sorted((root / folder).rglob("*.py")):
-            private += [f"{path.relative_to(root)}:{use}" for use in private_uses(ast.parse(path.read_text()), "")]
+            private += [f"{path.relative_to(root)}:{use}" for use in private_uses(ast.parse(path.read_text()))]
     print(f"functions over {LONG} lines: {len(long)}; over {VERY_LONG}: {sum(total > VERY_LONG for total, _, _ in long)}")
     for total, body, where in sorted(long, reverse=True):
         print(f"  {total:4d} lines ({body} after the signature)  {where}")
