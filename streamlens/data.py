@@ -78,11 +78,11 @@ def load_texts(source: str | None) -> list[str]:
     if not source.strip():
         raise ValueError("empty text: give a non-blank string, a .txt or .jsonl file, a folder, 'builtin' or 'stdlib'")
     path = Path(source).expanduser()
-    if _is_folder(path):
+    if _kind(path) == "folder":
         return _folder_texts(path)
     if path.suffix.lower() in _TEXT_SUFFIXES:
         return _read_text_file(path)
-    if _is_file(path):
+    if _kind(path) == "file":
         raise ValueError(f"data file {path} has an unsupported type: use a .txt or .jsonl file")
     if _looks_like_path(source):
         what = "is a folder" if path.is_dir() else "does not exist"
@@ -96,11 +96,12 @@ def _looks_like_path(source: str) -> bool:
     return not any(c.isspace() for c in source) and ("/" in source or os.sep in source or source.startswith("~"))
 
 
-def _is_folder(path: Path) -> bool:
+def _kind(path: Path) -> str | None:
+    """"folder", "file", or None: nothing there, or no valid file name (e.g. a long literal text)."""
     try:
-        return path.is_dir()
-    except OSError:  # e.g. a long literal text is not a valid file name
-        return False
+        return "folder" if path.is_dir() else "file" if path.is_file() else None
+    except OSError:  # a name too long for the file system is a text, not a path
+        return None
 
 
 def _folder_texts(path: Path) -> list[str]:
@@ -120,13 +121,6 @@ def _folder_texts(path: Path) -> list[str]:
     if not texts:
         raise ValueError(f"data folder {path}: every text file is empty")
     return texts
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except OSError:  # e.g. a long literal text is not a valid file name
-        return False
 
 
 def _read_text_file(path: Path) -> list[str]:
@@ -168,7 +162,7 @@ def is_prompt_source(source: str | None) -> bool:
     """True for "prompts" or a `.jsonl` file whose first record has a "prompt" key."""
     if source == BUILTIN_PROMPTS:
         return True
-    if source is None or not source.lower().endswith(".jsonl") or not _is_file(Path(source).expanduser()):
+    if source is None or not source.lower().endswith(".jsonl") or _kind(Path(source).expanduser()) != "file":
         return False
     for _, record in _jsonl_records(Path(source).expanduser(), _read_lines(Path(source).expanduser())):
         return "prompt" in record

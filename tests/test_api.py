@@ -79,7 +79,7 @@ def test_subpackages_are_attributes_and_import_stays_light():
             "print(light, names, sl.ablation.sweep.__module__, sl.importance.layer_study.__module__, "
             "sl.identity.token_identity.__module__, sl.layers is sl.importance)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["True", "[]", "streamlens.ablation.engine", "streamlens.importance.study",
+    assert out == ["True", "[]", "streamlens.ablation.sweeps", "streamlens.importance.study",
                    "streamlens.identity.measure", "True"], out
     with pytest.raises(AttributeError, match="no attribute 'ablations'"):
         importlib.import_module("streamlens").ablations

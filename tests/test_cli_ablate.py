@@ -9,19 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
+from conftest import one_error, run_cli
 from streamlens.files import OUTPUTS_MANIFEST as MANIFEST
-from streamlens.cli import app
-from streamlens.testing import tiny_model_folder
 
 COLUMNS = {"unit", "kind", "layer", "head", "method", "effect", "metric", "value", "ci_low", "ci_high"}
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return tiny_model_folder(tmp_path_factory.mktemp("tiny_cli"), arch="llama")
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +25,9 @@ def words_file(tmp_path_factory):
     return path
 
 
-def _run(*args):
-    result = runner.invoke(app, ["ablate", *map(str, args)])
-    return result
-
-
-def test_default_run_on_tiny_model_writes_three_files(tiny_folder, tmp_path):
+def test_default_run_on_tiny_model_writes_three_files(llama_folder, tmp_path):
     out = tmp_path / "out"
-    result = _run("--model", tiny_folder, "--out", out)  # the built-in texts, every other option default
+    result = run_cli("ablate", "--model", llama_folder, "--out", out)  # built-in texts, every other option default
     assert result.exit_code == 0, result.output
     # the three files, and the manifest that lets the next run replace exactly this set
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "ablation.csv", "ablation.html", "ablation.json"]
@@ -59,11 +46,12 @@ def test_default_run_on_tiny_model_writes_three_files(tiny_folder, tmp_path):
     assert "most damaging" in result.output and "least damaging" in result.output
 
 
-def test_heads_resample_both_effects_cumulative(tiny_folder, words_file, tmp_path):
+def test_heads_resample_both_effects_cumulative(llama_folder, words_file, tmp_path):
     out = tmp_path / "out"
-    result = _run("--model", tiny_folder, "--data", words_file, "--unit", "head", "--heads", "0,3", "--layers",
-                  "1-2", "--method", "resample", "--effect", "both", "--cumulative", "greedy", "--window", "8",
-                  "--max-windows", "6", "--metrics", "kl,loss_increase", "--bootstrap", "200", "--out", out)
+    result = run_cli("ablate", "--model", llama_folder, "--data", words_file, "--unit", "head", "--heads", "0,3",
+                     "--layers", "1-2", "--method", "resample", "--effect", "both", "--cumulative", "greedy",
+                     "--window", "8", "--max-windows", "6", "--metrics", "kl,loss_increase", "--bootstrap", "200",
+                     "--out", out)
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(out / "ablation.csv")
     assert set(frame["effect"]) == {"direct", "total"} and set(frame["metric"]) == {"kl", "loss_increase"}
@@ -74,11 +62,12 @@ def test_heads_resample_both_effects_cumulative(tiny_folder, words_file, tmp_pat
     assert json.loads((out / "ablation.json").read_text())["cumulative_order"] is not None
 
 
-def test_prompt_set_with_targets(tiny_folder, tmp_path):
+def test_prompt_set_with_targets(llama_folder, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "w5 w6 w7", "target": "w8"}\n{"prompt": "w10 w11", "target": "w12"}\n'
                        '{"prompt": "w20", "target": "w21"}\n')
-    result = _run("--model", tiny_folder, "--data", prompts, "--unit", "mlp", "--out", tmp_path / "out")
+    result = run_cli("ablate", "--model", llama_folder, "--data", prompts, "--unit", "mlp", "--out",
+                     tmp_path / "out")
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(tmp_path / "out" / "ablation.csv")
     assert {"target_logit_change", "target_prob_change"} <= set(frame["metric"])
@@ -103,24 +92,22 @@ def test_prompt_set_with_targets(tiny_folder, tmp_path):
         (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
     ],
 )
-def test_bad_input_exits_2_naming_the_value(tiny_folder, tmp_path, args, message):
+def test_bad_input_exits_2_naming_the_value(llama_folder, tmp_path, args, message):
     (tmp_path / "empty.txt").write_text("\n")
     (tmp_path / "bad.jsonl").write_text('{"text": "w5 w6"}\n{"text": w7}\n')
     paths = {"missing": tmp_path / "missing.txt", "empty": tmp_path / "empty.txt", "bad": tmp_path / "bad.jsonl"}
     out = tmp_path / "out"
-    result = _run("--model", tiny_folder, "--out", out, *[a.format(**paths) for a in args])
-    assert result.exit_code == 2, result.output
-    assert message in result.output
-    assert "Traceback" not in result.output
+    result = run_cli("ablate", "--model", llama_folder, "--out", out, *[a.format(**paths) for a in args])
+    one_error(result, message)
     assert not out.exists()
 
 
-def test_unwritable_out_fails_before_any_work(tiny_folder, tmp_path):
+def test_unwritable_out_fails_before_any_work(llama_folder, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     for out in (blocker, blocker / "sub"):
-        result = _run("--model", tiny_folder, "--out", out)
-        assert result.exit_code == 2 and str(blocker) in result.output and "Traceback" not in result.output
+        result = run_cli("ablate", "--model", llama_folder, "--out", out)
+        one_error(result, str(blocker))
     assert blocker.read_text() == "x"
 
 
@@ -136,7 +123,8 @@ def test_error_is_one_line_on_stderr_from_a_real_process(tmp_path):
 @pytest.mark.real
 def test_real_model_small_run(tmp_path):
     out = tmp_path / "out"
-    result = _run("--layers", "0,29", "--window", "16", "--max-windows", "4", "--bootstrap", "200", "--out", out)
+    result = run_cli("ablate", "--layers", "0,29", "--window", "16", "--max-windows", "4", "--bootstrap", "200",
+                     "--out", out)
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(out / "ablation.csv")
     loss = frame[frame["metric"] == "loss_increase"].set_index("unit")["value"]

@@ -7,17 +7,8 @@ import json
 
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
-from streamlens.cli import app
-from streamlens.testing import tiny_model_folder
-
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return tiny_model_folder(tmp_path_factory.mktemp("model"), arch="gpt2")
+from conftest import one_error, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +19,10 @@ def texts(tmp_path_factory):
     return path
 
 
-def test_identity_writes_its_files(tiny_folder, texts, tmp_path):
+def test_identity_writes_its_files(gpt2_folder, texts, tmp_path):
     out = tmp_path / "identity"
-    result = runner.invoke(app, ["identity", "--model", str(tiny_folder), "--data", str(texts), "--window", "8",
-                                 "--remove-skips", "1", "--prompt", "w3 w4 w5", "--out", str(out)])
+    result = run_cli("identity", "--model", str(gpt2_folder), "--data", str(texts), "--window", "8",
+                     "--remove-skips", "1", "--prompt", "w3 w4 w5", "--out", str(out))
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {
         "identity.csv", "identity_sources.csv", "identity.json", "identity.html"}
@@ -46,33 +37,33 @@ def test_identity_writes_its_files(tiny_folder, texts, tmp_path):
     (["--remove-skips", "1", "--target", "w3 w4"], "not a single token"),
     (["--remove-skips", "1", "--window", "1"], "--window 1"),
 ])
-def test_identity_bad_input(tiny_folder, texts, tmp_path, args, message):
+def test_identity_bad_input(gpt2_folder, texts, tmp_path, args, message):
     out = tmp_path / "never"
-    result = runner.invoke(app, ["identity", "--model", str(tiny_folder), "--data", str(texts), "--out", str(out), *args])
-    assert result.exit_code == 2 and message in result.output and result.output.count("\n") == 1, result.output
+    result = run_cli("identity", "--model", str(gpt2_folder), "--data", str(texts), "--out", str(out), *args)
+    one_error(result, message)
     assert not out.exists()
 
 
-def test_lens_train_then_eval(tiny_folder, texts, tmp_path):
+def test_lens_train_then_eval(gpt2_folder, texts, tmp_path):
     out = tmp_path / "lens"
-    result = runner.invoke(app, ["lens", "train", "--model", str(tiny_folder), "--data", str(texts), "--window", "8",
-                                 "--steps", "3", "--batch-tokens", "8", "--out", str(out)])
+    result = run_cli("lens", "train", "--model", str(gpt2_folder), "--data", str(texts), "--window", "8",
+                     "--steps", "3", "--batch-tokens", "8", "--out", str(out))
     assert result.exit_code == 0, result.output
     assert (out / "lens.safetensors").stat().st_size > 0 and (out / "lens_train.html").exists()
     evaluated = tmp_path / "eval"
     other = " ".join(f"w{3 + (5 * k) % 12}" for k in range(16))  # not a training text: those are refused
-    result = runner.invoke(app, ["lens", "eval", "--lens", str(out / "lens.safetensors"), "--model", str(tiny_folder),
-                                 "--data", other, "--window", "8", "--out", str(evaluated)])
+    result = run_cli("lens", "eval", "--lens", str(out / "lens.safetensors"), "--model", str(gpt2_folder),
+                     "--data", other, "--window", "8", "--out", str(evaluated))
     assert result.exit_code == 0, result.output
     table = pd.read_csv(evaluated / "lens_eval.csv")
     assert set(table.lens) == {"logit lens", "tuned lens"}
 
 
-def test_lens_bad_input(tiny_folder, texts, tmp_path):
+def test_lens_bad_input(gpt2_folder, texts, tmp_path):
     out = tmp_path / "never"
-    result = runner.invoke(app, ["lens", "eval", "--lens", str(tmp_path / "missing.safetensors"), "--model",
-                                 str(tiny_folder), "--out", str(out)])
-    assert result.exit_code == 2 and "is not a file" in result.output
-    result = runner.invoke(app, ["lens", "train", "--model", str(tiny_folder), "--steps", "0", "--out", str(out)])
-    assert result.exit_code == 2 and "--steps 0 out of range" in result.output
+    result = run_cli("lens", "eval", "--lens", str(tmp_path / "missing.safetensors"), "--model",
+                     str(gpt2_folder), "--out", str(out))
+    one_error(result, "is not a file")
+    result = run_cli("lens", "train", "--model", str(gpt2_folder), "--steps", "0", "--out", str(out))
+    one_error(result, "--steps 0 out of range")
     assert not out.exists()

@@ -9,13 +9,10 @@ import os
 
 import pytest
 import typer.main
-from typer.testing import CliRunner
 
+from conftest import one_error, run_cli
 from streamlens.cli import app
 from streamlens.cli.options import DTYPES, max_threads
-from streamlens.testing import tiny_model_folder
-
-runner = CliRunner()
 
 MODEL = ("--model", "--dtype", "--device", "--threads", "--verify")
 DATA = ("--data",)
@@ -50,22 +47,9 @@ def _options(name: str) -> dict[str, object]:
     return {option: param for param in _command(name).params for option in param.opts}
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return tiny_model_folder(tmp_path_factory.mktemp("model"), arch="gpt2")
-
-
 def _run(args, tmp_path, monkeypatch, **kwargs):
     monkeypatch.chdir(tmp_path)  # default --out folders land here (and nothing may be written)
-    return runner.invoke(app, [str(a) for a in args], **kwargs)
-
-
-def _one_error(result, *needles: str) -> str:
-    lines = result.output.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+    return run_cli(*args, **kwargs)
 
 
 def test_every_command_is_listed():
@@ -89,7 +73,7 @@ def test_every_command_takes_its_groups_with_one_help_text(name):
 @pytest.mark.parametrize("threads", [0, 100000])
 def test_absurd_threads_are_refused_the_same_way_everywhere(name, threads, tmp_path, monkeypatch):
     result = _run([*name.split(), *REQUIRED.get(name, []), "--threads", threads], tmp_path, monkeypatch)
-    line = _one_error(result)
+    line = one_error(result)
     assert line == f"error: --threads {threads} must be at least 1 and at most {max_threads()} (4 per CPU of " \
                    f"this machine's {os.cpu_count()}); leave it out for the idle cores"
     assert os.listdir(tmp_path) == []
@@ -105,7 +89,7 @@ def test_help_and_validation_agree_on_dtypes(name, tmp_path, monkeypatch):
     for dtype in (*DTYPES, "float16"):
         result = _run([*name.split(), *REQUIRED.get(name, []), "--dtype", dtype, "--threads", 0], tmp_path,
                       monkeypatch)
-        _one_error(result, *(("--threads 0",) if dtype in offered else ("--dtype", dtype)))
+        one_error(result, *(("--threads 0",) if dtype in offered else ("--dtype", dtype)))
 
 
 def test_click_errors_and_ours_share_one_form(tmp_path, monkeypatch):
@@ -117,16 +101,16 @@ def test_click_errors_and_ours_share_one_form(tmp_path, monkeypatch):
 
 
 def test_help_keeps_square_brackets():
-    result = runner.invoke(app, ["ablate", "--help"], env={"COLUMNS": "300"})
+    result = run_cli("ablate", "--help", env={"COLUMNS": "300"})
     assert "pip install 'streamlens[ray]'" in result.output
 
 
 def test_identity_names_a_prompt_set_as_such(tmp_path, monkeypatch):
-    _one_error(_run(["identity", "--data", "prompts"], tmp_path, monkeypatch), "'prompts' is a prompt set",
+    one_error(_run(["identity", "--data", "prompts"], tmp_path, monkeypatch), "'prompts' is a prompt set",
                "identity runs on texts")
 
 
-def test_data_and_every_model_are_checked_before_any_load(tiny_folder, tmp_path, monkeypatch):
+def test_data_and_every_model_are_checked_before_any_load(gpt2_folder, tmp_path, monkeypatch):
     """issue 19: `lens train` and `layers` loaded the model before refusing bad data or a second bad --model."""
     import streamlens.model
 
@@ -134,21 +118,21 @@ def test_data_and_every_model_are_checked_before_any_load(tiny_folder, tmp_path,
         raise AssertionError("a model was loaded before the inputs were checked")
 
     monkeypatch.setattr(streamlens.model, "load_model", no_load)
-    _one_error(_run(["lens", "train", "--data", tmp_path / "missing.txt"], tmp_path, monkeypatch), "missing.txt")
-    _one_error(_run(["layers", "--model", tiny_folder, "--model", tmp_path / "gone"], tmp_path, monkeypatch),
+    one_error(_run(["lens", "train", "--data", tmp_path / "missing.txt"], tmp_path, monkeypatch), "missing.txt")
+    one_error(_run(["layers", "--model", gpt2_folder, "--model", tmp_path / "gone"], tmp_path, monkeypatch),
                f"--model {tmp_path / 'gone'} does not exist")
-    _one_error(_run(["layers", "--data", "prompts"], tmp_path, monkeypatch), "is a prompt set")
-    _one_error(_run(["identity", "--window", 1], tmp_path, monkeypatch), "--window 1 must be at least 2")
+    one_error(_run(["layers", "--data", "prompts"], tmp_path, monkeypatch), "is a prompt set")
+    one_error(_run(["identity", "--window", 1], tmp_path, monkeypatch), "--window 1 must be at least 2")
 
 
-def test_check_prints_whole_values_when_stdout_is_not_a_terminal(tiny_folder, tmp_path, monkeypatch):
+def test_check_prints_whole_values_when_stdout_is_not_a_terminal(gpt2_folder, tmp_path, monkeypatch):
     """issue 19: piped, rich cut every value to 80 columns ('7.5e-…')."""
-    result = _run(["check", tiny_folder, "--dtype", "float64"], tmp_path, monkeypatch, env={"COLUMNS": None})
+    result = _run(["check", gpt2_folder, "--dtype", "float64"], tmp_path, monkeypatch, env={"COLUMNS": None})
     assert result.exit_code == 0, result.output
     assert "…" not in result.output and "ablation" in result.output and "load s" in result.output
 
 
-def test_a_write_error_names_the_file(tiny_folder, tmp_path, monkeypatch):
+def test_a_write_error_names_the_file(gpt2_folder, tmp_path, monkeypatch):
     """issue 19: "[Errno 27] File too large" named no file."""
     import streamlens.files
 
@@ -157,17 +141,17 @@ def test_a_write_error_names_the_file(tiny_folder, tmp_path, monkeypatch):
 
     monkeypatch.setattr(streamlens.files, "write_atomic", too_large)
     out = tmp_path / "parts.csv"
-    result = _run(["decompose", "--model", tiny_folder, "--target", "w3", "--out", out], tmp_path, monkeypatch)
-    _one_error(result, str(out), "File too large")
+    result = _run(["decompose", "--model", gpt2_folder, "--target", "w3", "--out", out], tmp_path, monkeypatch)
+    one_error(result, str(out), "File too large")
     assert not out.exists()
 
 
-def test_contrast_equal_to_target_is_refused(tiny_folder, tmp_path, monkeypatch):
-    result = _run(["decompose", "--model", tiny_folder, "--target", "w3", "--contrast", "w3"], tmp_path, monkeypatch)
-    _one_error(result, "contrast 'w3' is the target itself", "0 by definition")
+def test_contrast_equal_to_target_is_refused(gpt2_folder, tmp_path, monkeypatch):
+    result = _run(["decompose", "--model", gpt2_folder, "--target", "w3", "--contrast", "w3"], tmp_path, monkeypatch)
+    one_error(result, "contrast 'w3' is the target itself", "0 by definition")
 
 
-def test_a_resume_with_other_positions_names_positions(tiny_folder, tmp_path, monkeypatch):
+def test_a_resume_with_other_positions_names_positions(gpt2_folder, tmp_path, monkeypatch):
     """issue 19: the unfinished run's other --positions was blamed on data_sha256."""
     from streamlens.ablation.backends import CHECKPOINT_FOLDER
 
@@ -175,6 +159,6 @@ def test_a_resume_with_other_positions_names_positions(tiny_folder, tmp_path, mo
     (out / CHECKPOINT_FOLDER).mkdir(parents=True)
     stored = {"unit": "block", "method": "zero", "positions": "all", "window": 8, "max_windows": 4}
     (out / CHECKPOINT_FOLDER / "identity.json").write_text(json.dumps(stored))
-    args = ["ablate", "--model", tiny_folder, "--data", "w3 w4 w5 w6 w7 w8 w9 w10 " * 8, "--window", 8,
+    args = ["ablate", "--model", gpt2_folder, "--data", "w3 w4 w5 w6 w7 w8 w9 w10 " * 8, "--window", 8,
             "--max-windows", 4, "--positions", "last", "--bootstrap", 40, "--out", out]
-    _one_error(_run(args, tmp_path, monkeypatch), "made by another run: --positions all there, last now")
+    one_error(_run(args, tmp_path, monkeypatch), "made by another run: --positions all there, last now")

@@ -6,6 +6,7 @@ Ray tests share one local cluster (2 CPUs) for this module and skip where Ray is
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -24,6 +25,8 @@ from typer.testing import CliRunner
 from streamlens import ablation as A
 from streamlens import data as D
 from streamlens.ablation import backends as B
+from streamlens.ablation import placement as C
+from streamlens.ablation.engine import Engine
 from streamlens.cli import app
 from streamlens.model import load_model
 from streamlens.testing import tiny_model_folder
@@ -88,7 +91,7 @@ def _same(result, reference, tolerance=1e-12):
 # ----- shards and checkpoints, in this process ------------------------------------------------------
 def test_shards_cover_every_spec_and_text_once(model, batch):
     specs = _specs(model)
-    engine = A.engine._engine(model, batch, A.EvalOptions(batch_size=4))
+    engine = Engine.of(model, batch, A.EvalOptions(batch_size=4))
     seen = torch.zeros(len(specs), batch.n_texts, dtype=torch.long)
     for shard in B.plan(engine, specs):
         seen[list(shard.specs), shard.start:shard.stop] += 1
@@ -104,7 +107,7 @@ def test_local_backend_with_checkpoint_equals_one_call(model, batch, tmp_path):
                          progress=counted.append)
     _same(sharded, reference, 0)
     assert sum(counted) == len(specs) * 3  # (spec, chunk) evaluations, as without a backend
-    assert len(list((tmp_path / "ck").rglob("*.safetensors"))) == len(B.plan(A.engine._engine(
+    assert len(list((tmp_path / "ck").rglob("*.safetensors"))) == len(B.plan(Engine.of(
         model, batch, A.EvalOptions(batch_size=4)), specs))
 
 
@@ -133,7 +136,7 @@ def test_killed_with_sigkill_halfway_then_resumed(folder, model, batch, tmp_path
     assert (tmp_path / "modules.txt").read_text() == "False"  # importing streamlens.ablation does not load Ray
     files = sorted((tmp_path / "ck").rglob("*.safetensors"))
     specs = _specs(model)
-    total = len(B.plan(A.engine._engine(model, batch, A.EvalOptions(batch_size=4)), specs))
+    total = len(B.plan(Engine.of(model, batch, A.EvalOptions(batch_size=4)), specs))
     assert 0 < len(files) < total
     files[0].write_bytes(files[0].read_bytes()[:-20])  # as if torn by a power cut: computed again
 
@@ -200,12 +203,12 @@ def test_bad_backend_options_exit_2(folder, tmp_path, option, value, message):
 
 
 def test_auto_batch_size_follows_free_memory(model):
-    seven_b = B.ModelInfo("7b", "", "", "Llama", 32, 32, 4096, 128, 32000, 4096, "rms", "bfloat16", "cuda", 0.0)
-    sizes = [B.auto_batch_size(seven_b, 512, gib << 30) for gib in (0, 1, 10, 40, 65, 1000)]
+    seven_b = C.ModelInfo("7b", "", "", "Llama", 32, 32, 4096, 128, 32000, 4096, "rms", "bfloat16", "cuda", 0.0)
+    sizes = [C.auto_batch_size(seven_b, 512, gib << 30) for gib in (0, 1, 10, 40, 65, 1000)]
     assert sizes[0] == 1 and sizes == sorted(sizes) and sizes[-1] == 256
-    float32 = B.auto_batch_size(B.dataclasses.replace(seven_b, dtype="float32"), 512, 65 << 30)
-    assert float32 < B.auto_batch_size(seven_b, 512, 65 << 30)  # twice the bytes per value
-    assert B.auto_batch_size(seven_b, 1024, 65 << 30) < B.auto_batch_size(seven_b, 512, 65 << 30)
+    float32 = C.auto_batch_size(dataclasses.replace(seven_b, dtype="float32"), 512, 65 << 30)
+    assert float32 < C.auto_batch_size(seven_b, 512, 65 << 30)  # twice the bytes per value
+    assert C.auto_batch_size(seven_b, 1024, 65 << 30) < C.auto_batch_size(seven_b, 512, 65 << 30)
 
 
 # ----- Ray ------------------------------------------------------------------------------------------
@@ -273,7 +276,7 @@ def test_cuda_run_matches_cpu(folder, batch, dtype, tolerance):
     specs = _specs(cpu)
     on_cpu = A.evaluate(cpu, batch, specs, batch_size=4, n_boot=100)
     gpu_batch = D.window_batch(batch.tokens.to("cuda"), description=batch.description)
-    size = B.auto_batch_size(gpu.info, 12, B.free_memory("cuda"))
+    size = C.auto_batch_size(gpu.info, 12, B.free_memory("cuda"))
     on_gpu = A.evaluate(gpu, gpu_batch, specs, batch_size=min(size, 4), n_boot=100)
     assert on_gpu.provenance.device.startswith("cuda")
     torch.testing.assert_close(on_gpu.per_text, on_cpu.per_text, rtol=0, atol=tolerance)

@@ -8,6 +8,7 @@ import torch
 
 from streamlens import ablation as A
 from streamlens.ablation import backends as B
+from streamlens.ablation import placement as C
 from streamlens.ablation.engine import Added, Engine, Intervention
 from streamlens.ablation.swap import Swap
 from streamlens.data import window_batch
@@ -63,7 +64,7 @@ def test_greedy_restarts_from_the_removed_units_and_keeps_the_numbers(tiny, wind
 def test_swaps_on_a_checkpointed_backend_equal_the_plain_run(tiny, windows, tmp_path):
     specs = [Swap(layer) for layer in range(tiny.n_layers - 1)] + [A.Ablation((Site("block", 1),))]
     plain = A.evaluate(tiny, windows, specs, batch_size=2, n_boot=50)
-    backend = B.choose_backend(tiny, windows, checkpoint_folder=tmp_path / "ck", identity={"what": "swaps"})
+    backend = C.choose_backend(tiny, windows, checkpoint_folder=tmp_path / "ck", identity={"what": "swaps"})
     assert isinstance(backend, B.LocalBackend) and backend.checkpoint is not None
     checkpointed = A.evaluate(tiny, windows, specs, batch_size=2, n_boot=50, backend=backend)
     assert torch.equal(checkpointed.per_text, plain.per_text) and checkpointed.methods[0] == "swap"
@@ -73,18 +74,18 @@ def test_swaps_on_a_checkpointed_backend_equal_the_plain_run(tiny, windows, tmp_
 
 
 def test_backend_choice_lives_in_the_library(tiny, windows, tmp_path):
-    assert B.choose_backend(tiny, windows) is None  # nothing asked: a plain run
-    assert B.choose_batch_size(tiny, windows, "cpu") == B.DEFAULT_BATCH_SIZE
+    assert C.choose_backend(tiny, windows) is None  # nothing asked: a plain run
+    assert C.choose_batch_size(tiny, windows, "cpu") == C.DEFAULT_BATCH_SIZE
     folder = tmp_path / "ck"
-    backend = B.choose_backend(tiny, windows, checkpoint_folder=folder, identity={"batch_size": 3})
+    backend = C.choose_backend(tiny, windows, checkpoint_folder=folder, identity={"batch_size": 3})
     A.sweep(tiny, windows, "mlp", backend=backend, batch_size=3, n_boot=40)
-    assert B.stored_batch_size(folder) == 3 and B.choose_batch_size(tiny, windows, "cpu", checkpoint_folder=folder) == 3
+    assert C.stored_batch_size(folder) == 3 and C.choose_batch_size(tiny, windows, "cpu", checkpoint_folder=folder) == 3
     with pytest.raises(ValueError, match="--workers 0 must be at least 1"):
-        B.choose_backend(tiny, windows, workers=0)
+        C.choose_backend(tiny, windows, workers=0)
     with pytest.raises(ValueError, match="is not auto or HOST:PORT"):
-        B.check_backend_options(ray_address="here")
+        C.check_backend_options(ray_address="here")
     with pytest.raises(ValueError, match="--device 'mps' with Ray workers"):
-        B.check_backend_options(workers=2, device="mps")
+        C.check_backend_options(workers=2, device="mps")
 
 
 def test_sweep_takes_progress_command_and_backend_as_keywords(tiny, windows):

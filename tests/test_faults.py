@@ -11,33 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from streamlens.cli import app
+from conftest import TINY_TEXT, one_error, run_cli
 from streamlens.model import ModelLoadError, load_model
-from streamlens.testing import tiny_model_folder
-
-runner = CliRunner()
-TEXT = " ".join(f"w{3 + (7 * k) % 61}" for k in range(40))  # in the tiny vocabulary (w3..w63)
-
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return tiny_model_folder(tmp_path_factory.mktemp("faults"), arch="llama")
-
-
-def run(*args) -> "object":
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error(result, *fragments: str) -> None:
-    """Exit 2, one `error:` line naming the problem, no traceback."""
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+def folder(llama_folder) -> Path:
+    return llama_folder
 
 
 # ----- model folders: no code, no pickles, and a broken folder is not an "unknown model" --------------
@@ -56,7 +36,7 @@ def test_a_folder_with_auto_map_is_refused_and_its_code_never_runs(folder, tmp_p
     (custom / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     with pytest.raises(ModelLoadError, match="auto_map.*never"):
         load_model(str(custom))
-    one_error(run("decompose", "--model", custom, "--prompt", "w5 w6"), "auto_map", "trust_remote_code=False")
+    one_error(run_cli("decompose", "--model", custom, "--prompt", "w5 w6"), "auto_map", "trust_remote_code=False")
     assert not marker.exists()
 
 
@@ -65,7 +45,7 @@ def test_a_pickle_only_folder_is_refused_with_one_line(folder, tmp_path):
     state = {"w": torch.zeros(2)}
     torch.save(state, pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
-    one_error(run("decompose", "--model", pickled, "--prompt", "w5 w6"), "only pickle checkpoints",
+    one_error(run_cli("decompose", "--model", pickled, "--prompt", "w5 w6"), "only pickle checkpoints",
               "pytorch_model.bin", "safetensors or GGUF only")
 
 
@@ -76,7 +56,7 @@ def test_a_pickle_only_folder_is_refused_with_one_line(folder, tmp_path):
 def test_a_broken_folder_is_not_called_an_unknown_model(folder, tmp_path, breakage, message):
     broken = _copy(folder, tmp_path / "broken")
     (broken / "config.json").write_text(breakage)
-    result = run("decompose", "--model", broken, "--prompt", "w5 w6")
+    result = run_cli("decompose", "--model", broken, "--prompt", "w5 w6")
     one_error(result, message)
     assert "unknown model" not in result.output
 
@@ -95,7 +75,7 @@ def test_a_broken_folder_is_not_called_an_unknown_model(folder, tmp_path, breaka
 ])
 def test_bad_ablate_arguments_exit_2_before_loading(tmp_path, args, fragments):
     # the model does not exist: an error about it would mean the argument was checked too late
-    one_error(run("ablate", "--model", tmp_path / "missing.gguf", "--out", tmp_path / "out", *args), *fragments)
+    one_error(run_cli("ablate", "--model", tmp_path / "missing.gguf", "--out", tmp_path / "out", *args), *fragments)
     assert not (tmp_path / "out").exists()
 
 
@@ -107,12 +87,12 @@ def test_layers_given_twice_count_once():
 
 @pytest.mark.parametrize("command", [["decompose", "--prompt", "w5"], ["report"]])
 def test_bfloat16_is_refused_before_loading(tmp_path, command):
-    one_error(run(*command, "--model", tmp_path / "missing", "--dtype", "bfloat16"), "bfloat16", "float32")
+    one_error(run_cli(*command, "--model", tmp_path / "missing", "--dtype", "bfloat16"), "bfloat16", "float32")
 
 
 def test_highway_lr_out_of_range_and_divergence(tmp_path):
-    one_error(run("highway", "--skip-real", "--lr", "1e12", "--out", tmp_path / "h"), "1000000000000.0", "(0, 1]")
-    one_error(run("highway", "--skip-real", "--lr", "nan", "--out", tmp_path / "h"), "nan", "(0, 1]")
+    one_error(run_cli("highway", "--skip-real", "--lr", "1e12", "--out", tmp_path / "h"), "1000000000000.0", "(0, 1]")
+    one_error(run_cli("highway", "--skip-real", "--lr", "nan", "--out", tmp_path / "h"), "nan", "(0, 1]")
     assert not (tmp_path / "h").exists()
 
 
@@ -127,7 +107,7 @@ def test_highway_that_diverges_writes_nothing(tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(hw, "toy_highway", diverged)
-    result = run("highway", "--skip-real", "--depths", "2", "--steps", "2", "--width", "8", "--out", tmp_path / "h")
+    result = run_cli("highway", "--skip-real", "--depths", "2", "--steps", "2", "--width", "8", "--out", tmp_path / "h")
     assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit)
     last = result.output.strip().splitlines()[-1]  # after the training's progress bar
     assert last.startswith("error: ") and "diverged" in last and "--lr" in last
@@ -167,23 +147,23 @@ def test_out_paths_are_checked_before_any_work(tmp_path):
     dangling = tmp_path / "link"
     dangling.symlink_to(tmp_path / "nowhere")
     missing = tmp_path / "missing.gguf"  # would fail at loading: the --out error must come first
-    one_error(run("ablate", "--model", missing, "--out", dangling), "symlink", "does not exist")
-    one_error(run("highway", "--model", missing, "--out", dangling), "symlink")
+    one_error(run_cli("ablate", "--model", missing, "--out", dangling), "symlink", "does not exist")
+    one_error(run_cli("highway", "--model", missing, "--out", dangling), "symlink")
     afile = tmp_path / "afile"
     afile.write_text("x")
-    one_error(run("decompose", "--model", missing, "--out", afile / "parts.csv"), "is a file, not a folder")
-    one_error(run("decompose", "--model", missing, "--out", tmp_path / "parts.txt"), "ending in .csv")
-    one_error(run("report", "--model", missing, "--out", dangling / "r.html"), "symlink")
+    one_error(run_cli("decompose", "--model", missing, "--out", afile / "parts.csv"), "is a file, not a folder")
+    one_error(run_cli("decompose", "--model", missing, "--out", tmp_path / "parts.txt"), "ending in .csv")
+    one_error(run_cli("report", "--model", missing, "--out", dangling / "r.html"), "symlink")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "link"]
 
 
 def test_a_later_run_leaves_nothing_of_an_earlier_one(folder, tmp_path):
     out = tmp_path / "out"
-    common = ("ablate", "--model", folder, "--data", TEXT, "--window", "8", "--max-windows", "4", "--bootstrap", "40",
-              "--out", out)
-    assert run(*common, "--cumulative", "order").exit_code == 0
+    common = ("ablate", "--model", folder, "--data", TINY_TEXT, "--window", "8", "--max-windows", "4",
+              "--bootstrap", "40", "--out", out)
+    assert run_cli(*common, "--cumulative", "order").exit_code == 0
     assert (out / "ablation_cumulative.csv").exists()
-    result = run(*common)
+    result = run_cli(*common)
     assert result.exit_code == 0, result.output
     assert not (out / "ablation_cumulative.csv").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".streamlens-staging")]
@@ -193,9 +173,9 @@ def test_a_disk_full_while_writing_keeps_the_earlier_set(folder, tmp_path, monke
     import streamlens.files as files
 
     out = tmp_path / "out"
-    common = ("ablate", "--model", folder, "--data", TEXT, "--window", "8", "--max-windows", "4", "--bootstrap", "40",
-              "--out", out)
-    assert run(*common).exit_code == 0
+    common = ("ablate", "--model", folder, "--data", TINY_TEXT, "--window", "8", "--max-windows", "4",
+              "--bootstrap", "40", "--out", out)
+    assert run_cli(*common).exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     real = files.write_atomic
 
@@ -205,7 +185,7 @@ def test_a_disk_full_while_writing_keeps_the_earlier_set(folder, tmp_path, monke
         return real(path, content)
 
     monkeypatch.setattr(files, "write_atomic", full)
-    one_error(run(*common, "--seed", "3"), "No space left on device")
+    one_error(run_cli(*common, "--seed", "3"), "No space left on device")
     # the output set is untouched; the finished shards stay in the checkpoint folder, so the same
     # command resumes from them once the disk has room (streamlens.ablation.checkpoint)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

@@ -13,33 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from streamlens.cli import app
+from conftest import TINY_TEXT, one_error, run_cli
 from streamlens.model import ModelLoadError, cache, load_model
-from streamlens.testing import tiny_gguf_file, tiny_model_folder, tiny_tokenizer
-
-runner = CliRunner()
-TEXT = " ".join(f"w{3 + (7 * k) % 61}" for k in range(40))  # in the tiny vocabulary (w3..w63)
-
+from streamlens.testing import tiny_gguf_file, tiny_tokenizer
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return tiny_model_folder(tmp_path_factory.mktemp("hostile"), arch="llama")
-
-
-def run(*args) -> "object":
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error(result, *fragments: str) -> None:
-    """Exit 2, one `error:` line naming the problem, no traceback."""
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+def folder(llama_folder) -> Path:
+    return llama_folder
 
 
 def _flip(path: Path, at: int, keep_mtime: bool = True) -> None:
@@ -109,11 +90,11 @@ def test_an_encoder_is_refused_at_load(bert):
 
 
 @pytest.mark.parametrize("command", [["check"], ["decompose", "--prompt", "w5 w6 w7"],
-                                     ["ablate", "--data", TEXT, "--window", "8", "--max-windows", "2"]])
+                                     ["ablate", "--data", TINY_TEXT, "--window", "8", "--max-windows", "2"]])
 def test_an_encoder_exits_2_in_every_command(bert, tmp_path, command):
     out = tmp_path / "out"
     args = [*command, "--model", bert] + (["--out", out] if command[0] == "ablate" else [])
-    one_error(run(*args), "not a causal language model")
+    one_error(run_cli(*args), "not a causal language model")
     assert not out.exists()
 
 
@@ -126,7 +107,7 @@ def lens_run(folder, tmp_path_factory):
     lines = [" ".join(f"w{3 + (7 * i + 3 * k) % 60}" for k in range(12)) for i in range(6)]
     texts.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
     out = base / "lens"
-    result = run("lens", "train", "--model", folder, "--data", texts, "--window", "8", "--steps", "3",
+    result = run_cli("lens", "train", "--model", folder, "--data", texts, "--window", "8", "--steps", "3",
                  "--batch-tokens", "8", "--hold-out-every", "2", "--out", out)
     assert result.exit_code == 0, result.output
     return out / "lens.safetensors", texts, json.loads((out / "lens_train.json").read_text())
@@ -140,7 +121,7 @@ def test_a_lens_file_with_one_flipped_byte_is_refused(folder, lens_run, tmp_path
     _flip(damaged, damaged.stat().st_size - 3)  # in the tensors' bytes
     with pytest.raises(ValueError, match="damaged"):
         TunedLens.load(damaged)
-    one_error(run("lens", "eval", "--lens", damaged, "--model", folder, "--window", "8", "--out", tmp_path / "o"),
+    one_error(run_cli("lens", "eval", "--lens", damaged, "--model", folder, "--window", "8", "--out", tmp_path / "o"),
               "damaged")
     assert not (tmp_path / "o").exists()
 
@@ -160,7 +141,7 @@ def test_lens_eval_reads_the_lenss_own_held_out_texts_and_names_them(folder, len
     from streamlens.tunedlens import TunedLens
 
     out = tmp_path / "eval"
-    result = run("lens", "eval", "--lens", lens_run[0], "--model", folder, "--window", "8", "--out", out)
+    result = run_cli("lens", "eval", "--lens", lens_run[0], "--model", folder, "--window", "8", "--out", out)
     assert result.exit_code == 0, result.output
     named = json.loads((out / "lens_eval.json").read_text())["comparison"]["texts_sha256"]
     assert named == list(TunedLens.load(lens_run[0]).held_out_texts)
@@ -168,14 +149,14 @@ def test_lens_eval_reads_the_lenss_own_held_out_texts_and_names_them(folder, len
 
 
 def test_lens_eval_refuses_training_texts(folder, lens_run, tmp_path):
-    one_error(run("lens", "eval", "--lens", lens_run[0], "--model", folder, "--data", lens_run[1], "--window", "8",
+    one_error(run_cli("lens", "eval", "--lens", lens_run[0], "--model", folder, "--data", lens_run[1], "--window", "8",
                   "--out", tmp_path / "o"), "3 of the 6 evaluation texts were used to train the lens")
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("lr", ["2", "0", "-1", "nan", "inf"])
 def test_lens_train_refuses_a_diverging_lr_before_loading(tmp_path, lr):
-    one_error(run("lens", "train", "--model", tmp_path / "no-model", "--lr", lr, "--out", tmp_path / "o"), "--lr",
+    one_error(run_cli("lens", "train", "--model", tmp_path / "no-model", "--lr", lr, "--out", tmp_path / "o"), "--lr",
               "at most 0.1")
 
 
@@ -189,7 +170,7 @@ def test_a_diverged_lens_run_writes_nothing(folder, lens_run, tmp_path, monkeypa
     check_converged([1.0, 0.9, 0.7], 0.1)
     monkeypatch.setattr(train, "DIVERGED", 0.0)  # every run now counts as diverged: the CLI path must write nothing
     out = tmp_path / "o"
-    result = run("lens", "train", "--model", folder, "--data", lens_run[1], "--window", "8", "--steps", "2",
+    result = run_cli("lens", "train", "--model", folder, "--data", lens_run[1], "--window", "8", "--steps", "2",
                  "--batch-tokens", "8", "--out", out)
     last = result.output.strip().splitlines()[-1]  # after the progress bar of the steps that ran
     assert result.exit_code == 2 and last.startswith("error: training diverged") and "nothing was written" in last
@@ -198,18 +179,20 @@ def test_a_diverged_lens_run_writes_nothing(folder, lens_run, tmp_path, monkeypa
 
 @pytest.mark.parametrize("alpha", ["inf", "nan", "-1", "0", "1e9"])
 def test_identity_refuses_an_alpha_that_makes_no_sense_before_loading(tmp_path, alpha):
-    one_error(run("identity", "--model", tmp_path / "no-model", "--alpha", alpha, "--out", tmp_path / "o"), "--alpha")
+    result = run_cli("identity", "--model", tmp_path / "no-model", "--alpha", alpha, "--out", tmp_path / "o")
+    one_error(result, "--alpha")
 
 
 def test_one_bootstrap_minimum_for_every_command(tmp_path):
-    from streamlens.ablation import MIN_BOOTSTRAP, EvalOptions
-    from streamlens.cli import common
+    from streamlens.ablation import EvalOptions
+    from streamlens.limits import check_n_boot
 
-    assert common.MIN_BOOTSTRAP == MIN_BOOTSTRAP
-    with pytest.raises(ValueError, match="at least 40"):
-        EvalOptions(n_boot=10)
+    assert check_n_boot(40) == 40  # the rule's own edge: 40 passes, 39 does not
+    for refuse in (lambda: check_n_boot(39), lambda: EvalOptions(n_boot=39)):
+        with pytest.raises(ValueError, match="--bootstrap 39 must be a whole number of at least 40"):
+            refuse()
     for command in (["layers"], ["ablate"]):
-        one_error(run(*command, "--model", tmp_path / "no-model", "--bootstrap", "10", "--out", tmp_path / "o"),
+        one_error(run_cli(*command, "--model", tmp_path / "no-model", "--bootstrap", "10", "--out", tmp_path / "o"),
                   "--bootstrap 10", "at least 40")
 
 
@@ -224,10 +207,10 @@ def mismatched(folder, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("command", [["check"], ["decompose", "--prompt", "w5 w6"],
-                                     ["ablate", "--data", TEXT, "--window", "8", "--max-windows", "2"]])
+                                     ["ablate", "--data", TINY_TEXT, "--window", "8", "--max-windows", "2"]])
 def test_a_config_that_does_not_match_its_weights_is_one_line(mismatched, tmp_path, command):
     args = [*command, "--model", mismatched] + (["--out", tmp_path / "o"] if command[0] == "ablate" else [])
-    one_error(run(*args), "config does not match its weights", "mlp")
+    one_error(run_cli(*args), "config does not match its weights", "mlp")
 
 
 def test_a_truncated_weights_file_in_a_folder_is_one_line(folder, tmp_path):
@@ -235,7 +218,7 @@ def test_a_truncated_weights_file_in_a_folder_is_one_line(folder, tmp_path):
     broken = Path(shutil.copytree(folder, tmp_path / "model"))
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    one_error(run("decompose", "--model", broken, "--prompt", "w5 w6"), "could not be loaded", "deserializing")
+    one_error(run_cli("decompose", "--model", broken, "--prompt", "w5 w6"), "could not be loaded", "deserializing")
 
 
 def test_an_absurd_bootstrap_is_refused_up_front_and_leaves_nothing(folder, tmp_path, monkeypatch):
@@ -243,7 +226,7 @@ def test_an_absurd_bootstrap_is_refused_up_front_and_leaves_nothing(folder, tmp_
 
     monkeypatch.setattr(streamlens.model, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     out = tmp_path / "o"
-    one_error(run("ablate", "--model", folder, "--data", TEXT, "--bootstrap", "100000000000", "--out", out),
+    one_error(run_cli("ablate", "--model", folder, "--data", TINY_TEXT, "--bootstrap", "100000000000", "--out", out),
               "--bootstrap 100000000000", "GB", "use at most")
     assert not out.exists()
 
@@ -251,11 +234,11 @@ def test_an_absurd_bootstrap_is_refused_up_front_and_leaves_nothing(folder, tmp_
 def test_a_bootstrap_too_big_for_these_texts_is_refused_before_the_sweep(folder, tiny_tokens, monkeypatch):
     from streamlens import ablation as A
     from streamlens import data as D
-    from streamlens.ablation import options
+    from streamlens import limits
 
     model = load_model(str(folder))
     batch = D.window_batch(tiny_tokens)
-    monkeypatch.setattr(options, "available_memory", lambda: 8 * 40 * 2 * 3)  # room for the smallest run only
+    monkeypatch.setattr(limits, "available_memory", lambda: 8 * 40 * 2 * 3)  # room for the smallest run only
     with pytest.raises(ValueError, match="use at most"):
         A.sweep(model, batch, "block", n_boot=40, progress=lambda n: pytest.fail("evaluated before refusing"))
 
@@ -266,14 +249,14 @@ needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="
 @needs_ray
 def test_an_unreachable_ray_address_fails_in_seconds(folder, tmp_path):
     started = time.monotonic()
-    one_error(run("ablate", "--model", folder, "--data", TEXT, "--ray-address", "127.0.0.1:1", "--out",
+    one_error(run_cli("ablate", "--model", folder, "--data", TINY_TEXT, "--ray-address", "127.0.0.1:1", "--out",
                   tmp_path / "o"), "no Ray cluster at 127.0.0.1:1")
     assert time.monotonic() - started < 30
 
 
 @needs_ray
 def test_more_local_workers_than_cpus_are_refused(folder, tmp_path):
-    one_error(run("ablate", "--model", folder, "--data", TEXT, "--workers", "4096", "--out", tmp_path / "o"),
+    one_error(run_cli("ablate", "--model", folder, "--data", TINY_TEXT, "--workers", "4096", "--out", tmp_path / "o"),
               "--workers 4096", "use at most")
 
 
@@ -285,7 +268,7 @@ def test_an_unwritable_out_is_found_before_any_work(command, monkeypatch):
 
     monkeypatch.setattr(streamlens.model, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     args = [*command, "--out", "/proc/r.html"] if command == ["report"] else command
-    one_error(run(*args), "not writable")
+    one_error(run_cli(*args), "not writable")
 
 
 # ----- 7. leftovers and notices ---------------------------------------------------------------------
@@ -308,8 +291,8 @@ def test_failed_gguf_loads_leave_no_lock_files(gguf, tmp_path, monkeypatch):
 def test_a_resumed_run_says_so(folder, tmp_path, monkeypatch):
     from streamlens.ablation import backends
 
-    args = ["ablate", "--model", folder, "--data", TEXT, "--window", "8", "--max-windows", "4", "--batch-size", "2",
-            "--bootstrap", "40", "--out", tmp_path / "o"]
+    args = ["ablate", "--model", folder, "--data", TINY_TEXT, "--window", "8", "--max-windows", "4",
+            "--batch-size", "2", "--bootstrap", "40", "--out", tmp_path / "o"]
     real, calls = backends.run_shard, []
 
     def dies_after_two(*a, **k):
@@ -319,9 +302,9 @@ def test_a_resumed_run_says_so(folder, tmp_path, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(backends, "run_shard", dies_after_two)
-    assert isinstance(run(*args).exception, RuntimeError)
+    assert isinstance(run_cli(*args).exception, RuntimeError)
     monkeypatch.setattr(backends, "run_shard", real)
-    resumed = run(*args)
+    resumed = run_cli(*args)
     assert resumed.exit_code == 0, resumed.output
     assert "resuming from 2 finished shards in" in resumed.output
 

@@ -39,8 +39,8 @@ def test_training_lowers_kl_and_repeats_exactly(tiny, tiny_tokens, tmp_path):
 
 def test_report_takes_a_trained_lens(tiny, tiny_tokens):
     """The standard report's identity sections: attention sources, identity, and both lenses when a lens is given."""
-    from streamlens.pages.report import _identity_sections
+    from streamlens.pages.report import stream_sections
 
     lens = train_tuned_lens(tiny, tiny_tokens, steps=2, batch_tokens=4)
-    titles = [section.title for section in _identity_sections(tiny, tiny_tokens[:1], None, lens, lambda line: None)]
+    titles = [section.title for section in stream_sections(tiny, tiny_tokens[:1], None, lens, lambda line: None)]
     assert len(titles) == 5 and any("tuned lens" in title for title in titles)

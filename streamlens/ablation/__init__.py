@@ -27,9 +27,10 @@ no forward at all; variants that restart at the same layer share one forward (`b
 
 Modules, each importing only those before it: `spec` (what an ablation is), `options`
 (`EvalOptions`), `replace` (the zero | mean | resample switch and the clean captures it needs),
-`apply` (hooks and the `ablated` context manager), `engine` (fast evaluation, sweeps), `checkpoint`
+`apply` (hooks and the `ablated` context manager), `engine` (the one loop of fast evaluation),
+`sweeps` (evaluate, sweep, cumulative: specs in, a result with bootstrap CIs out), `checkpoint`
 (shards of a call, and the files that let a killed run resume), `backends` (the shards in this
-process or on Ray workers), `attribute`
+process or on Ray workers), `placement` (which backend and batch size a run gets), `swap` (layer swaps as specs), `attribute`
 (a package: estimates of every unit at once, AtP, AtP*, integrated gradients, second order, checked
 against the engine, and the exact top K measured in the estimate's order).
 """
@@ -37,12 +38,13 @@ against the engine, and the exact top K measured in the estimate's order).
 from streamlens.ablation.apply import ablated
 from streamlens.ablation.backends import LocalBackend, RayBackend
 from streamlens.ablation.checkpoint import Checkpoint, CheckpointMismatch
-from streamlens.ablation.engine import by_damage, cumulative, cumulative_evaluations, evaluate, sweep
+from streamlens.ablation.sweeps import by_damage, cumulative, cumulative_evaluations, evaluate, sweep
 from streamlens.ablation.attribute import (ESTIMATES, GRADIENT_METRICS, ExactTop, agreement, attribute, exact_top,
                                           method_label, verify)
-from streamlens.ablation.options import MIN_BOOTSTRAP, EvalOptions, check_n_boot
+from streamlens.ablation.options import EvalOptions
 from streamlens.ablation.replace import donor_rows
 from streamlens.ablation.spec import CUMULATIVE_MODES, EFFECTS, METHODS, UNIT_KINDS, Ablation, units
+from streamlens.limits import MIN_BOOTSTRAP, check_n_boot
 
 __all__ = ["CUMULATIVE_MODES", "EFFECTS", "ESTIMATES", "GRADIENT_METRICS", "METHODS", "MIN_BOOTSTRAP", "UNIT_KINDS",
            "Ablation", "Checkpoint", "CheckpointMismatch", "EvalOptions", "ExactTop", "LocalBackend", "RayBackend",

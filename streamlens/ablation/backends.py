@@ -13,26 +13,17 @@ per-text values are those of a run without a backend; the bootstrap runs once, o
 - `checkpoint.Checkpoint`: each finished shard is one file under a hidden folder; a run with the
   same identity skips the shards it finds; a folder made by another run is refused, never mixed in.
 
-GPUs: `auto_batch_size` picks the sequences per forward from the free memory of the device.
-
-Choosing (what the CLI's `--workers`, `--ray-address`, `--checkpoint` and `--batch-size` call, and a
-notebook in one line): `check_backend_options` before any work, `connect_ray` to start or join the
-cluster, `choose_batch_size` (an unfinished run's, else what fits the GPU, else 16), and
-`choose_backend` (Ray, or in-process with a checkpoint, or None for a plain run):
-
-    backend = choose_backend(model, batch, workers=2, checkpoint_folder="out/.streamlens-checkpoint")
-    result = ablation.sweep(model, batch, "head", backend=backend)
+Choosing where a run goes (`choose_backend`, `choose_batch_size`, `connect_ray`,
+`check_backend_options`) is `ablation.placement`'s job.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
-import re
 import socket
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +35,11 @@ from streamlens.ablation.engine import Engine
 from streamlens.ablation.spec import Ablation, Progress
 from streamlens.data import TokenBatch
 from streamlens.model import Model, load_model
-from streamlens.model.handle import ModelInfo
 
 __all__ = ["CHECKPOINT_FOLDER", "Checkpoint", "CheckpointMismatch", "LocalBackend", "RayBackend", "Shard",
-           "auto_batch_size", "batch_digest", "check_backend_options", "choose_backend", "choose_batch_size",
-           "connect_ray", "free_memory", "plan", "run_shard", "section_key", "stored_batch_size"]
+           "batch_digest", "check_local_workers", "check_reachable", "free_memory", "notice_replaced", "plan",
+           "run_shard", "section_key"]
 IN_FLIGHT = 2  # shards queued on each Ray worker, so it never waits for the driver
-DEFAULT_BATCH_SIZE = 16  # sequences per forward on a CPU (or a device whose free memory is unknown)
-_ADDRESS = re.compile(r"^(auto|(ray://)?[A-Za-z0-9_.\-]+:\d{1,5})$")
 
 
 # ----- shards -----------------------------------------------------------------------------------
@@ -353,85 +341,3 @@ def free_memory(device: str | torch.device) -> int | None:
         return None
     free, _total = torch.cuda.mem_get_info(device)
     return int(free)
-
-
-def auto_batch_size(info: ModelInfo, n_positions: int, free_bytes: int, most: int = 256) -> int:
-    """Sequences per forward that fit in `free_bytes` (weights already loaded), by an upper estimate.
-
-    Per sequence of `n_positions`: the clean pass keeps resid_pre of every layer and, for direct
-    effects and resample, up to two writes per layer (3 n_layers + 1 streams of d_model); one layer
-    of a forward holds about 8 d_model values per position plus the attention scores (n_heads x
-    n_positions); the unembedding works on 8192-entry vocabulary chunks in float32. 60% of the free
-    memory is used, leaving room for the allocator and temporaries.
-    """
-    width = torch.finfo(getattr(torch, info.dtype)).bits // 8
-    per_position = (width * ((3 * info.n_layers + 1) * info.d_model + 8 * info.d_model + 2 * info.n_heads * n_positions)
-                    + 4 * 8192 + 8 * 8)
-    return max(1, min(most, int(0.6 * free_bytes) // (per_position * n_positions)))
-
-
-# ----- choosing ---------------------------------------------------------------------------------
-def check_backend_options(workers: int | None = None, ray_address: str | None = None, device: str = "cpu") -> bool:
-    """Check where a sweep should run before any work (ValueError naming the bad value); True for Ray."""
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"--workers {workers} must be at least 1")
-    if ray_address is not None and not _ADDRESS.match(ray_address):
-        raise ValueError(f"--ray-address {ray_address!r} is not auto or HOST:PORT (e.g. 10.0.0.5:6379)")
-    on_ray = workers is not None or ray_address is not None
-    if on_ray and importlib.util.find_spec("ray") is None:
-        raise ValueError("--workers and --ray-address need Ray: pip install 'streamlens[ray]'")
-    if on_ray and device.split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r} with Ray workers: choose cpu or cuda")
-    return on_ray
-
-
-def connect_ray(workers: int | None = None, ray_address: str | None = None, device: str = "cpu",
-                threads: int | None = None) -> RayBackend:
-    """A `RayBackend` on a started or joined cluster, checked to hold the workers (ValueError if not)."""
-    check_backend_options(workers, ray_address, device)
-    return RayBackend(workers, ray_address, device, threads or 1).connect()
-
-
-def stored_batch_size(checkpoint_folder: str | os.PathLike[str]) -> int | None:
-    """The batch size of the unfinished run whose checkpoint is `checkpoint_folder` (None: none there)."""
-    try:
-        stored = Checkpoint.stored(checkpoint_folder)
-    except ValueError:
-        return None
-    value = None if stored is None else stored.get("batch_size")
-    return value if isinstance(value, int) and value >= 1 else None
-
-
-def choose_batch_size(model: Model, batch: TokenBatch, device: str | None = None, ray: RayBackend | None = None,
-                      checkpoint_folder: str | os.PathLike[str] | None = None) -> int:
-    """Sequences per forward: an unfinished run's (in `checkpoint_folder`, so a resumed run keeps its
-    shards), else what fits the free memory of the GPU (the least over `ray`'s workers), else 16."""
-    stored = None if checkpoint_folder is None else stored_batch_size(checkpoint_folder)
-    if stored is not None:
-        return stored
-    free = ray.start(model).free_bytes() if ray is not None else free_memory(device or model.info.device)
-    if free is None:
-        return DEFAULT_BATCH_SIZE
-    return auto_batch_size(model.info, batch.tokens.shape[1], free)
-
-
-def choose_backend(model: Model, batch: TokenBatch, *, workers: int | None = None, ray_address: str | None = None,
-                   device: str = "cpu", threads: int | None = None,
-                   checkpoint_folder: str | os.PathLike[str] | None = None, identity: Mapping[str, Any] | None = None,
-                   ray: RayBackend | None = None) -> "LocalBackend | RayBackend | None":
-    """Where the sweeps of one run go: Ray workers (`workers` / `ray_address`, or a connected `ray`),
-    else this process; with a `checkpoint_folder`, finished shards are kept there (`backend.checkpoint`)
-    and a killed run resumes. None: a plain in-process run without checkpoint.
-
-    identity: what else names the run (unit, method, batch size, ...): a checkpoint made by another
-    run is refused (`CheckpointMismatch`). The caller closes a Ray backend (`with` or `close()`).
-    """
-    if ray is None and check_backend_options(workers, ray_address, device):
-        ray = connect_ray(workers, ray_address, device, threads)
-    saved = None
-    if checkpoint_folder is not None:
-        saved = Checkpoint.for_run(checkpoint_folder, model, batch, **dict(identity or {}))
-    if ray is not None:
-        ray.checkpoint = saved
-        return ray
-    return LocalBackend(saved) if saved is not None else None

@@ -1,52 +1,22 @@
 """`EvalOptions`: how an evaluation is run and summarised, shared by evaluate, sweep, cumulative and
-every command that measures damage (one frozen object instead of the same eight parameters)."""
+every command that measures damage (one frozen object instead of the same eight parameters).
+
+The bootstrap rule it checks (`check_n_boot`, `MIN_BOOTSTRAP`) lives in the torch-free `streamlens.limits`,
+so the CLI applies the same rule before importing torch."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-MIN_BOOTSTRAP = 40  # fewer replicates leave a 2.5% tail of the 95% interval without a single draw
-BOOTSTRAP_MEMORY_SHARE = 0.5  # the bootstrap's draws may take at most this share of the available memory
-
-
-def check_n_boot(n_boot: int) -> int:
-    """The one rule on bootstrap replicates, shared by every command: a whole number of at least MIN_BOOTSTRAP."""
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < MIN_BOOTSTRAP:
-        raise ValueError(f"--bootstrap {n_boot!r} must be a whole number of at least {MIN_BOOTSTRAP} (fewer leave the "
-                         f"tails of the 95% interval without a draw)")
-    check_bootstrap_memory(n_boot, 1, 2)  # the smallest run (one value, two texts): refused before any model loads
-    return n_boot
-
-
-def check_bootstrap_memory(n_boot: int, n_values: int, n_texts: int) -> None:
-    """Refuse, before any work, a bootstrap whose draws [value, n_boot, text] (float64) would not fit in memory."""
-    need = 8 * n_boot * max(1, n_values) * max(1, n_texts)
-    free = available_memory()
-    if free is not None and need > BOOTSTRAP_MEMORY_SHARE * free:
-        most = int(BOOTSTRAP_MEMORY_SHARE * free) // (8 * max(1, n_values) * max(1, n_texts))
-        raise ValueError(f"--bootstrap {n_boot} needs {need / 1e9:.3g} GB for {n_values} values x {n_texts} texts, more "
-                         f"than half of the {free / 1e9:.3g} GB available: use at most {most}")
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux /proc/meminfo; None where unknown)."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+from streamlens import metrics as M
+from streamlens.data import TokenBatch
+from streamlens.limits import check_n_boot
 
 
 @dataclass(frozen=True)
@@ -57,7 +27,7 @@ class EvalOptions:
         metrics: names from `metrics.METRICS` (None: all that apply to the batch).
         seed: seeds the resample donors and the bootstrap.
         batch_size: most sequences in one forward (texts x variants).
-        n_boot: bootstrap replicates for the 95% CIs (at least MIN_BOOTSTRAP); the resampling unit is the
+        n_boot: bootstrap replicates for the 95% CIs (at least `limits.MIN_BOOTSTRAP`); the resampling unit is the
             text.
         threads: torch CPU threads while evaluating (None: leave torch's setting alone).
     """
@@ -100,3 +70,9 @@ class EvalOptions:
             yield
         finally:
             torch.set_num_threads(before)
+
+
+def metric_names(metrics: Sequence[str] | None, batch: TokenBatch) -> tuple[str, ...]:
+    """The checked metric names (None: every metric that applies to `batch`)."""
+    has_targets = batch.targets is not None
+    return M.check_metrics(tuple(metrics), has_targets) if metrics is not None else M.default_metrics(has_targets)

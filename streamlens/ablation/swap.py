@@ -22,6 +22,7 @@ from jaxtyping import Float
 
 from streamlens import sites
 from streamlens.ablation import engine as E
+from streamlens.ablation import sweeps
 from streamlens.ablation.options import EvalOptions
 from streamlens.ablation.replace import as_write
 from streamlens.ablation.spec import Ablation, Progress, stream_order
@@ -91,7 +92,7 @@ def _after(model: Model, layer: int) -> str:
 
 
 # `ablation.evaluate` takes swaps like any spec; the name stays for the layer study's callers
-evaluate = E.evaluate
+evaluate = sweeps.evaluate
 
 
 @dataclass(frozen=True)

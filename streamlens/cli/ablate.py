@@ -6,8 +6,8 @@ import typer
 
 from streamlens.cli import backend as B
 from streamlens.cli.attribution import ESTIMATE, EXACT_TOP, IG_STEPS, check_estimate_options
-from streamlens.cli.common import (MIN_BOOTSTRAP, app, check_at_least, check_choice, fail, parse_ints, progress_bar,
-                                   stdout_console)
+from streamlens.cli.common import (MIN_BOOTSTRAP, app, check_at_least, check_bootstrap, check_choice, fail, parse_ints,
+                                   progress_bar, stdout_console)
 from streamlens.cli.options import (Count, DataOptions, ModelOptions, OutputOptions, Sweep, data_group,
                                     model_group, output_group, uses)
 
@@ -80,8 +80,6 @@ def ablate(
     import time
 
     started = time.perf_counter()
-    from streamlens import ablation as A
-
     effects = _check_choices(unit, method, effect, cumulative)
     check_at_least(("--batch-size", batch_size, 1), ("--seed", seed, 0))
     metric_list = None if metrics is None else [name.strip() for name in metrics.split(",") if name.strip()]
@@ -89,10 +87,7 @@ def ablate(
                   parse_ints("--heads", heads), metric_list, positions, seed, batch_size, n_boot)
     on_ray = B.check_backend_options(workers, ray_address, model.device)
     data = _check_data(data, positions, metric_list)
-    try:
-        A.check_n_boot(n_boot)  # the one rule, shared with every command through EvalOptions
-    except ValueError as error:
-        fail(str(error))
+    check_bootstrap(n_boot)  # the one rule of every command (streamlens.limits), shared with EvalOptions
     check_estimate_options(estimate, ig_steps, exact_top, verify_top, verify_all)
     if estimate != "none":
         if on_ray:

@@ -1,6 +1,6 @@
 """Where a command's sweeps run: the `--workers`, `--ray-address` and `--checkpoint` options.
 
-The choices are `ablation.backends`' (`choose_backend`, `choose_batch_size`); here their errors
+The choices are `ablation.placement`'s (`choose_backend`, `choose_batch_size`); here their errors
 exit 2. Shared by the commands that sweep ablations (`ablate`, `layers`, `report`). Only typer is
 imported at module level; Ray is imported only when a command is given `--workers` or `--ray-address`.
 """
@@ -24,7 +24,7 @@ CHECKPOINT = typer.Option(True, "--checkpoint/--no-checkpoint", help="Save finis
 
 def check_backend_options(workers: int | None, ray_address: str | None, device: str) -> bool:
     """Check the options before any work; True when the sweep runs on Ray (bad options exit 2)."""
-    from streamlens.ablation.backends import check_backend_options as check
+    from streamlens.ablation.placement import check_backend_options as check
 
     try:
         return check(workers, ray_address, device)
@@ -34,7 +34,7 @@ def check_backend_options(workers: int | None, ray_address: str | None, device: 
 
 def connect(workers: int | None, ray_address: str | None, device: str, threads: int | None):
     """Start or join the Ray cluster (a check: an unreachable or too small cluster exits 2)."""
-    from streamlens.ablation.backends import connect_ray
+    from streamlens.ablation.placement import connect_ray
 
     try:
         return connect_ray(workers, ray_address, device, threads)
@@ -49,15 +49,15 @@ def checkpoint_folder(out: str) -> Path:
 
 
 def choose_batch_size(ray, model, batch, device: str, out: str | None = None) -> int:
-    """`ablation.backends.choose_batch_size`: an unfinished run's in `out`, else from the GPU, else 16."""
-    from streamlens.ablation.backends import choose_batch_size as choose
+    """`ablation.placement.choose_batch_size`: an unfinished run's in `out`, else from the GPU, else 16."""
+    from streamlens.ablation.placement import choose_batch_size as choose
 
     return choose(model, batch, device, ray, None if out is None else checkpoint_folder(out))
 
 
 def backend_for(ray, checkpoint: bool, out: str, model, batch, identity: dict[str, Any]):
     """The backend of the sweeps (None: plain in-process) with its checkpoint (None: no checkpoint)."""
-    from streamlens.ablation.backends import choose_backend
+    from streamlens.ablation.placement import choose_backend
 
     try:
         backend = choose_backend(model, batch, ray=ray, identity=identity,

@@ -10,6 +10,8 @@ from typing import Any, NoReturn
 import typer
 from typer.core import TyperGroup
 
+from streamlens.limits import MIN_BOOTSTRAP, check_n_boot  # noqa: F401 - MIN_BOOTSTRAP: the commands' --bootstrap help
+
 # click's error classes as typer uses them (typer may ship its own copy of click): found from a public name
 _USAGE_ERROR = next(kind for kind in typer.BadParameter.__mro__ if kind.__name__ == "UsageError")
 _CLICK_ERROR = next(kind for kind in typer.BadParameter.__mro__ if kind.__name__ == "ClickException")
@@ -97,7 +99,12 @@ def progress_bar(console=None, transient: bool = True):
     return Progress(*columns, console=console, transient=transient)
 
 
-MIN_BOOTSTRAP = 40  # fewer replicates leave a 2.5% tail of the 95% interval without a single draw
+def check_bootstrap(n_boot: int) -> int:
+    """`limits.check_n_boot`, the one bootstrap rule of every command, before any heavy import (bad: exit 2)."""
+    try:
+        return check_n_boot(n_boot)
+    except ValueError as error:
+        fail(str(error))
 
 
 def check_at_least(*checks: tuple[str, int | None, int]) -> None:

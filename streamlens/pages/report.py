@@ -47,7 +47,7 @@ def standard_report(
             built-in prompt set scored at each prompt's last token; "builtin" text; a file; a text).
         log: called with a short line as each analysis starts (progress on the command line).
         lens: a trained tuned lens (`streamlens lens train`): adds logit-vs-tuned lens figures on the prompt.
-        backend: where the ablation sweeps run (`ablation.backends.choose_backend`; None: here).
+        backend: where the ablation sweeps run (`ablation.placement.choose_backend`; None: here).
     """
     from streamlens import data as D
 
@@ -65,7 +65,7 @@ def standard_report(
     batch = D.load_batch(model, data, window=32, max_windows=8)
     say(f"decomposing {prompt!r}")
     prompt_sections, explained = _prompt_sections(model, tokens, target)
-    identity_sections = _identity_sections(model, tokens, target, lens, say)
+    identity_sections = stream_sections(model, tokens, target, lens, say)
     ablation_sections, batch_description = _ablation_sections(model, batch, say, backend)
     ablation_sections.append(_layer_scores_section(model, batch))
     provenance = Provenance.of(model, command_line())
@@ -141,7 +141,7 @@ def _prompt_sections(model: "Model", tokens: "torch.Tensor", target: str | None)
     return sections, explained
 
 
-def _identity_sections(model: "Model", tokens: "torch.Tensor", target: str | None, lens: "TunedLens | None",
+def stream_sections(model: "Model", tokens: "torch.Tensor", target: str | None, lens: "TunedLens | None",
                     say: Callable[[str], None]) -> list[Section]:
     """What the stream carries: attention sources of the prompt's answer, token identity on short built-in
     windows (one per text, no counterfactual), and with a trained lens, logit vs tuned lens on the prompt."""

@@ -28,7 +28,7 @@ import torch
 
 from streamlens import metrics as M
 from streamlens.ablation.attribute.common import metric_name
-from streamlens.ablation.engine import evaluate
+from streamlens.ablation.sweeps import evaluate
 from streamlens.ablation.options import EvalOptions
 from streamlens.ablation.spec import Ablation, Progress
 from streamlens.data import TokenBatch
