@@ -183,6 +183,14 @@ def save_folder(hf_model: torch.nn.Module, tokenizer: Any, folder: str | os.Path
     return target
 
 
+LOGIT_TOLERANCE = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 2e-2}  # relative; what a faithful save keeps
+
+
+def relative_difference(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |logits - reference| / max |reference| (in float64), over every position and vocabulary entry."""
+    return float((logits.double() - reference.double()).abs().max() / reference.double().abs().max())
+
+
 def check_export_folder(folder: str | os.PathLike[str]) -> Path:
     """Refuse an export folder that exists and is not an empty folder (creating nothing)."""
     target = Path(folder).expanduser()

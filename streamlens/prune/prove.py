@@ -23,7 +23,7 @@ from streamlens.prune.choose import unit_sites
 from streamlens.results import Provenance, command_line
 from streamlens.results.prune import ExportCheck
 
-TOLERANCE = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 2e-2}
+TOLERANCE = E.LOGIT_TOLERANCE
 GGUF_NAME = "model-f32.gguf"
 
 
@@ -52,9 +52,7 @@ def simulated_logits(model: Model, blocks: Sequence[int], tokens: torch.Tensor, 
                                                                                         batch_size)])
 
 
-def relative(logits: torch.Tensor, reference: torch.Tensor) -> float:
-    """max |logits - reference| / max |reference|."""
-    return float((logits.double() - reference.double()).abs().max() / reference.double().abs().max())
+relative = E.relative_difference
 
 
 def prove(model: Model, folder: str | os.PathLike[str], blocks: Sequence[int], tokens: torch.Tensor,
