@@ -282,8 +282,14 @@ def write_run(run, inputs: Inputs, output: OutputOptions, started: float) -> Non
     from streamlens.results import command_line
 
     settings = {**inputs.settings, "command": command_line()}
-    files = prune_files(run, settings, time.perf_counter() - started)
-    folder = output.write(files)
+    try:
+        files = prune_files(run, settings, time.perf_counter() - started)
+        folder = output.write(files)
+    except BaseException:  # interrupted or refused before the files were in place: no model folder of this run stays
+        from streamlens.prune.pipeline import remove_folders
+
+        remove_folders(run.export.folder if run.export else None, run.heal.folder if run.heal else None)
+        raise
     console = Console()
     console.print(strategy_table(run.comparison))
     for line in summary_lines(run):

@@ -174,9 +174,13 @@ def save_folder(hf_model: torch.nn.Module, tokenizer: Any, folder: str | os.Path
         for path in tmp.iterdir():  # save_pretrained writes some files private; outputs follow the umask
             os.chmod(path, 0o666 & ~umask())
         os.chmod(tmp, 0o777 & ~umask())
-        if target.is_dir():
-            target.rmdir()  # empty (checked above): rename needs the name free
-        tmp.rename(target)
+        try:
+            if target.is_dir():
+                target.rmdir()  # empty (checked above): rename needs the name free
+            tmp.rename(target)
+        except OSError:  # another run filled the folder since the check
+            raise ValueError(f"export folder {target} exists and is not empty (written by another run meanwhile): "
+                             f"give a new or empty folder") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,6 +7,7 @@ is loaded back (what a user would load) to be evaluated against the full model a
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -154,12 +155,24 @@ def run(model: Model, choice_batch: TokenBatch, eval_batch: TokenBatch, config: 
             stage("export, prove" + (", evaluate" if config.evaluate else "") + (", heal" if config.heals else ""), 1)
         folder = timed(seconds, "export", lambda: export(model, removed, config.export_dir, gguf=config.gguf,
                                                          command=command))
-        check = timed(seconds, "prove", lambda: prove(model, folder, removed, eval_batch.tokens[: config.proof_windows],
-                                                      eval_batch.description, command))
-        evaluation, healed = judge_and_heal(model, folder, eval_batch, config, heal_tokens, heal_data, seconds,
-                                            command)
+        try:
+            check = timed(seconds, "prove", lambda: prove(model, folder, removed,
+                                                          eval_batch.tokens[: config.proof_windows],
+                                                          eval_batch.description, command))
+            evaluation, healed = judge_and_heal(model, folder, eval_batch, config, heal_tokens, heal_data, seconds,
+                                                command)
+        except BaseException:  # an interrupted or failed run leaves no model of its own behind
+            remove_folders(folder)
+            raise
     return PruneRun(choice, comparison, verdicts(comparison, k), config.strategy, k, removed, check, seconds,
                     evaluation, healed)
+
+
+def remove_folders(*folders: str | Path | None) -> None:
+    """Delete the model folders a run wrote (never called on a folder it did not create)."""
+    for folder in folders:
+        if folder is not None and Path(folder).is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def timed(seconds: dict[str, float], name: str, step: Callable[[], T]) -> T:
@@ -201,8 +214,14 @@ def judge_and_heal(model: Model, folder: Path, eval_batch: TokenBatch, config: P
     if config.heals:
         assert config.heal is not None and heal_tokens is not None and config.healed_folder is not None
         train, target = config.heal, config.healed_folder
-        _, healed = timed(seconds, "heal", lambda: heal(
-            pruned, heal_tokens, eval_batch, target, train, teacher=model, train_data=heal_data,
-            n_boot=config.options.n_boot, seed=config.options.seed, command=command,
-            proof_tokens=eval_batch.tokens[: config.proof_windows]))
+        ours = not Path(target).exists()  # (an empty folder given by the user stays)
+        try:
+            _, healed = timed(seconds, "heal", lambda: heal(
+                pruned, heal_tokens, eval_batch, target, train, teacher=model, train_data=heal_data,
+                n_boot=config.options.n_boot, seed=config.options.seed, command=command,
+                proof_tokens=eval_batch.tokens[: config.proof_windows]))
+        except BaseException:
+            if ours:
+                remove_folders(target)
+            raise
     return evaluation, healed
