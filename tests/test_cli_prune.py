@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -122,3 +128,57 @@ def test_a_family_whose_config_cannot_lose_blocks_is_refused(tmp_path):
                                  "--eval-data", "stdlib", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "scale_attn_by_inverse_layer_idx" in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+# ----- hostile: two runs into one --out at once, an interrupt mid-run (real processes) ------------------------
+def _spawn(setup, out, *args):
+    """`streamlens prune` on the tiny model as its own process (stdout and stderr together)."""
+    root, folder = setup
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "streamlens", "prune", "--model", str(folder), "--data", str(root / "choice.txt"),
+               "--eval-data", str(root / "held_out.txt"), "--window", "12", "--choice-windows", "4", "--eval-windows",
+               "6", "--bootstrap", "40", "-k", "1", "--threads", "1", "--out", str(out), *map(str, args)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint():
+    """Python turns SIGINT into KeyboardInterrupt only where it is not ignored (a background job's children
+    inherit SIG_IGN): give the child the default, as a terminal would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _no_leftovers(out):
+    """No temporary folder or file of a write or an export stays in `out`."""
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name or p.name.startswith(".streamlens-staging")]
+
+
+def test_two_runs_into_one_out_at_once_leave_one_whole_run(setup, tmp_path):
+    out = tmp_path / "out"
+    runs = [_spawn(setup, out, "--no-evaluate") for _ in range(2)]
+    results = [(run.wait(timeout=600), run.stdout.read()) for run in runs]
+    codes = sorted(code for code, _ in results)
+    assert codes in ([0, 0], [0, 2]), results  # both (one after the other), or the loser refused in one line
+    for code, text in results:
+        if code == 2:
+            assert "exists and is not empty" in text and "Traceback" not in text, text
+    meta = json.loads((out / "prune.json").read_text())  # the files of one whole run, and its proved export
+    assert meta["export"]["passed"] and json.loads((out / "model" / "config.json").read_text())["num_hidden_layers"] == 3
+    _no_leftovers(out)
+
+
+def test_an_interrupt_mid_run_leaves_nothing_half_written_and_the_next_run_works(setup, tmp_path):
+    out = tmp_path / "out"
+    run = _spawn(setup, out)
+    deadline = time.monotonic() + 600
+    while not (out / "model").is_dir() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # the export is in place: proving, judging or healing now
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=120) != 0, run.stdout.read()
+    assert not (out / "model").exists() and not (out / "model-healed").exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith("prune.")]
+    _no_leftovers(out)
+    again = _run(setup, "-k", 1, "--no-evaluate", "--out", out)
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "prune.json").read_text())["export"]["passed"]

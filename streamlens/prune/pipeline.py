@@ -7,9 +7,10 @@ is loaded back (what a user would load) to be evaluated against the full model a
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -153,19 +154,29 @@ def run(model: Model, choice_batch: TokenBatch, eval_batch: TokenBatch, config: 
     if config.export_dir is not None:
         if stage:
             stage("export, prove" + (", evaluate" if config.evaluate else "") + (", heal" if config.heals else ""), 1)
-        folder = timed(seconds, "export", lambda: export(model, removed, config.export_dir, gguf=config.gguf,
-                                                         command=command))
-        try:
+        with removed_on_failure(config.export_dir):  # an interrupted or failed run leaves no model of its own
+            folder = timed(seconds, "export", lambda: export(model, removed, config.export_dir, gguf=config.gguf,
+                                                             command=command))
             check = timed(seconds, "prove", lambda: prove(model, folder, removed,
                                                           eval_batch.tokens[: config.proof_windows],
                                                           eval_batch.description, command))
             evaluation, healed = judge_and_heal(model, folder, eval_batch, config, heal_tokens, heal_data, seconds,
                                                 command)
-        except BaseException:  # an interrupted or failed run leaves no model of its own behind
-            remove_folders(folder)
-            raise
     return PruneRun(choice, comparison, verdicts(comparison, k), config.strategy, k, removed, check, seconds,
                     evaluation, healed)
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder: str | Path) -> Iterator[None]:
+    """Delete `folder` when the body fails or is interrupted, if it did not exist before (so it is this run's:
+    an empty folder the user gave, or one another run filled since, stays)."""
+    ours = not Path(folder).exists()
+    try:
+        yield
+    except BaseException:
+        if ours:
+            remove_folders(folder)
+        raise
 
 
 def remove_folders(*folders: str | Path | None) -> None:
@@ -214,14 +225,9 @@ def judge_and_heal(model: Model, folder: Path, eval_batch: TokenBatch, config: P
     if config.heals:
         assert config.heal is not None and heal_tokens is not None and config.healed_folder is not None
         train, target = config.heal, config.healed_folder
-        ours = not Path(target).exists()  # (an empty folder given by the user stays)
-        try:
+        with removed_on_failure(target):
             _, healed = timed(seconds, "heal", lambda: heal(
                 pruned, heal_tokens, eval_batch, target, train, teacher=model, train_data=heal_data,
                 n_boot=config.options.n_boot, seed=config.options.seed, command=command,
                 proof_tokens=eval_batch.tokens[: config.proof_windows]))
-        except BaseException:
-            if ours:
-                remove_folders(target)
-            raise
     return evaluation, healed
