@@ -43,7 +43,7 @@ def check_disjoint(train_tokens: torch.Tensor, eval_tokens: torch.Tensor) -> Non
 def heal(pruned: Model, train_tokens: torch.Tensor, eval_batch: TokenBatch, folder: str | Path,
          settings: TrainSettings, teacher: Model | None = None, train_data: str = "",
          n_boot: int = 1000, seed: int = 0, level: float = 0.95, command: str | None = None,
-         proof_tokens: torch.Tensor | None = None) -> tuple[Model, HealResult]:
+         proof_tokens: torch.Tensor | None = None, run_id: str | None = None) -> tuple[Model, HealResult]:
     """Fine-tune `pruned`, save it to `folder`, load it back, and measure before and after.
 
     Args:
@@ -55,6 +55,7 @@ def heal(pruned: Model, train_tokens: torch.Tensor, eval_batch: TokenBatch, fold
         teacher: the full model: the target of "distill", and the reference of the KL rows.
         proof_tokens: windows [n, pos] (keep n small) on which the saved folder is proved against
             the trained model (None: no proof).
+        run_id: written into the folder's streamlens-export.json (a run finds its own folder by it).
 
     Returns:
         (the healed model loaded from `folder`, the `HealResult`). With 0 steps, after == before.
@@ -63,7 +64,8 @@ def heal(pruned: Model, train_tokens: torch.Tensor, eval_batch: TokenBatch, fold
     trained = train(pruned, train_tokens, settings, teacher)
     reference = None if proof_tokens is None else trained_logits(trained.hf_model, proof_tokens, pruned)
     save_folder(trained.hf_model, pruned.tokenizer, folder, {"healed_from": pruned.info.name, "steps": settings.steps,
-                                                             "mode": settings.mode, "loss": settings.loss})
+                                                             "mode": settings.mode, "loss": settings.loss,
+                                                             **({"run_id": run_id} if run_id else {})})
     losses, seconds, cpu_seconds = trained.losses, trained.seconds, trained.cpu_seconds
     del trained  # frees the trained copy: the folder, loaded back, is what is judged
     healed = load_model(str(folder), dtype=pruned.info.dtype, device=pruned.info.device)

@@ -8,8 +8,10 @@ is loaded back (what a user would load) to be evaluated against the full model a
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,29 +156,37 @@ def run(model: Model, choice_batch: TokenBatch, eval_batch: TokenBatch, config: 
     if config.export_dir is not None:
         if stage:
             stage("export, prove" + (", evaluate" if config.evaluate else "") + (", heal" if config.heals else ""), 1)
-        with removed_on_failure(config.export_dir):  # an interrupted or failed run leaves no model of its own
+        run_id = uuid.uuid4().hex
+        with removed_on_failure(config.export_dir, run_id):  # an interrupted or failed run leaves no model of its own
             folder = timed(seconds, "export", lambda: export(model, removed, config.export_dir, gguf=config.gguf,
-                                                             command=command))
+                                                             command=command, run_id=run_id))
             check = timed(seconds, "prove", lambda: prove(model, folder, removed,
                                                           eval_batch.tokens[: config.proof_windows],
                                                           eval_batch.description, command))
             evaluation, healed = judge_and_heal(model, folder, eval_batch, config, heal_tokens, heal_data, seconds,
-                                                command)
+                                                command, run_id)
     return PruneRun(choice, comparison, verdicts(comparison, k), config.strategy, k, removed, check, seconds,
                     evaluation, healed)
 
 
 @contextlib.contextmanager
-def removed_on_failure(folder: str | Path) -> Iterator[None]:
-    """Delete `folder` when the body fails or is interrupted, if it did not exist before (so it is this run's:
-    an empty folder the user gave, or one another run filled since, stays)."""
-    ours = not Path(folder).exists()
+def removed_on_failure(folder: str | Path, run_id: str) -> Iterator[None]:
+    """Delete `folder` when the body fails or is interrupted, if it holds this run's model (its
+    streamlens-export.json carries `run_id`): a folder another run wrote is never touched."""
     try:
         yield
     except BaseException:
-        if ours:
+        if written_by(folder) == run_id:
             remove_folders(folder)
         raise
+
+
+def written_by(folder: str | Path) -> str | None:
+    """The run id in a model folder's streamlens-export.json (None: none, or no readable file)."""
+    try:
+        return json.loads((Path(folder) / "streamlens-export.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def remove_folders(*folders: str | Path | None) -> None:
@@ -211,7 +221,7 @@ def choose_step(model: Model, batch: TokenBatch, config: PruneConfig, stage: Sta
 
 def judge_and_heal(model: Model, folder: Path, eval_batch: TokenBatch, config: PruneConfig,
                    heal_tokens: torch.Tensor | None, heal_data: str, seconds: dict[str, float],
-                   command: str) -> tuple[PrunedComparison | None, HealResult | None]:
+                   command: str, run_id: str) -> tuple[PrunedComparison | None, HealResult | None]:
     """Steps 5-6 on the exported folder loaded back: the full-vs-pruned evaluation, then healing."""
     if config.evaluate is None and not config.heals:
         return None, None
@@ -225,9 +235,9 @@ def judge_and_heal(model: Model, folder: Path, eval_batch: TokenBatch, config: P
     if config.heals:
         assert config.heal is not None and heal_tokens is not None and config.healed_folder is not None
         train, target = config.heal, config.healed_folder
-        with removed_on_failure(target):
+        with removed_on_failure(target, run_id):
             _, healed = timed(seconds, "heal", lambda: heal(
                 pruned, heal_tokens, eval_batch, target, train, teacher=model, train_data=heal_data,
                 n_boot=config.options.n_boot, seed=config.options.seed, command=command,
-                proof_tokens=eval_batch.tokens[: config.proof_windows]))
+                proof_tokens=eval_batch.tokens[: config.proof_windows], run_id=run_id))
     return evaluation, healed

@@ -28,7 +28,7 @@ GGUF_NAME = "model-f32.gguf"
 
 
 def export(model: Model, blocks: Sequence[int], folder: str | os.PathLike[str], gguf: bool = False,
-           command: str | None = None) -> Path:
+           command: str | None = None, run_id: str | None = None) -> Path:
     """Write `model` with `blocks` deleted as an HF folder at `folder` (and a GGUF file inside it with `gguf`).
 
     The weights come from the model's own source (an HF folder, or the cached safetensors of a GGUF
@@ -41,7 +41,8 @@ def export(model: Model, blocks: Sequence[int], folder: str | os.PathLike[str], 
     del hf_model
     facts = {"removed_blocks": sorted(int(b) for b in blocks), "source_model": model.info.name,
              "source_weights_sha256": model.info.weights_hash, "n_layers_before": model.n_layers,
-             "n_layers_after": model.n_layers - len(blocks), "command": command or command_line()}
+             "n_layers_after": model.n_layers - len(blocks), "command": command or command_line(),
+             **({"run_id": run_id} if run_id else {})}
     return E.save_folder(pruned, tokenizer, folder, facts, gguf_name=GGUF_NAME if gguf else None)
 
 
