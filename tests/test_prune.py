@@ -109,14 +109,18 @@ def _vocabulary() -> GGUFVocabulary:
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_gguf_export_loads_back_as_the_simulated_removal(family, tmp_path):
-    """The pruned model written as GGUF (Llama: with llama.cpp's q/k permutation) and read by transformers'
-    GGUF reader computes the simulated removal to float32 rounding."""
+    """The pruned model written as GGUF (Llama: with llama.cpp's q/k permutation; tied qwen2 and gpt2 without
+    an output matrix) and read by transformers' GGUF reader computes the simulated removal to float32 rounding."""
     overrides = {"gpt2": {"n_positions": 1024}}.get(family, {})
     model = load_model(str(tiny_model_folder(tmp_path / "src", family, n_layers=N_LAYERS, **overrides)))
     hf, _ = E.load_hf(model.info.source)
     path = write_gguf(E.drop_blocks(hf, REMOVED), tmp_path / "pruned.gguf", _vocabulary())
     tokens = _tokens()
     assert relative(E.folder_logits(path, tokens), simulated_logits(model, REMOVED, tokens)) <= 1e-5
+    import gguf
+
+    names = [tensor.name for tensor in gguf.GGUFReader(path).tensors]  # a tied model stores its matrix once
+    assert ("output.weight" in names) == (not hf.config.tie_word_embeddings) and len(names) == len(set(names))
 
 
 @pytest.fixture(scope="module")
