@@ -25,7 +25,7 @@ from streamlens.data import TokenBatch, check_disjoint
 from streamlens.model import Model, load_model
 from streamlens.model.export import ExportRefused, check_export_folder
 from streamlens.model.train import TrainSettings
-from streamlens.prune.choose import check_k, choose
+from streamlens.prune.choose import check_k, choose, greedy_evaluations
 from streamlens.prune.compare import compare, comparison_specs, verdicts
 from streamlens.prune.evaluate import EvaluateSettings
 from streamlens.prune.evaluate import compare as evaluate_pruned
@@ -209,7 +209,7 @@ def choose_step(model: Model, batch: TokenBatch, config: PruneConfig, stage: Sta
     """Step 1: every strategy's choice up to k_max, and the k to export (the budget's, when one is given)."""
     k, k_max = config.ks(model.n_layers)
     if stage:
-        stage("choose (greedy on the choice data)", sum(model.n_layers - step for step in range(k_max)))
+        stage("choose (greedy on the choice data)", greedy_evaluations(model.n_layers))
     choice = choose(model, batch, k_max, config.options, budget=config.budget, progress=progress, command=command)
     if k is None:
         k = choice.k_budget or 0
