@@ -209,7 +209,7 @@ def choose_step(model: Model, batch: TokenBatch, config: PruneConfig, stage: Sta
     """Step 1: every strategy's choice up to k_max, and the k to export (the budget's, when one is given)."""
     k, k_max = config.ks(model.n_layers)
     if stage:
-        stage("choose (greedy on the choice data)", greedy_evaluations(model.n_layers))
+        stage("choose (greedy on the choice data)", greedy_evaluations(model.n_layers, k_max))
     choice = choose(model, batch, k_max, config.options, budget=config.budget, progress=progress, command=command)
     if k is None:
         k = choice.k_budget or 0
