@@ -8,12 +8,20 @@ removed, judged and exported), `Healing` (--heal-*). Each is checked before any 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from streamlens.cli.common import MIN_BOOTSTRAP, app, check_at_least, check_choice, fail, progress_bar
 from streamlens.cli.options import (TEXTS_HELP, Count, DataOptions, Group, ModelOptions, OutputOptions, data_group,
                                     model_group, output_group, uses)
+
+if TYPE_CHECKING:  # (heavy: imported where used)
+    import torch
+
+    from streamlens.data import TokenBatch
+    from streamlens.model import Model
+    from streamlens.prune.pipeline import PruneConfig
 
 STRATEGY_NAMES = ("greedy", "block_influence", "angular", "last", "attention", "mlp")  # results.prune.STRATEGIES
 HEAL_MODES, HEAL_LOSSES = ("lora", "full"), ("lm", "distill")  # model.train.MODES, LOSSES (torch-free here)
@@ -165,13 +173,13 @@ def prune(model: ModelOptions = None, data: DataOptions = None, pruning: Pruning
 class Inputs:
     """What the pipeline runs on, loaded and checked: the model, the three sets of windows, the config."""
 
-    model: object
-    choice: object
-    evaluation: object
-    heal_tokens: object
+    model: "Model"
+    choice: "TokenBatch"
+    evaluation: "TokenBatch"
+    heal_tokens: "torch.Tensor | None"  # [n, window] training windows (None: no healing)
     heal_data: str
-    config: object
-    settings: dict
+    config: "PruneConfig"
+    settings: dict[str, Any]
 
 
 def load_inputs(model: ModelOptions, data: DataOptions, pruning: Pruning, healing: Healing,
