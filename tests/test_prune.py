@@ -109,14 +109,18 @@ def _vocabulary() -> GGUFVocabulary:
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_gguf_export_loads_back_as_the_simulated_removal(family, tmp_path):
-    """The pruned model written as GGUF (Llama: with llama.cpp's q/k permutation) and read by transformers'
-    GGUF reader computes the simulated removal to float32 rounding."""
+    """The pruned model written as GGUF (Llama: with llama.cpp's q/k permutation; tied qwen2 and gpt2 without
+    an output matrix) and read by transformers' GGUF reader computes the simulated removal to float32 rounding."""
     overrides = {"gpt2": {"n_positions": 1024}}.get(family, {})
     model = load_model(str(tiny_model_folder(tmp_path / "src", family, n_layers=N_LAYERS, **overrides)))
     hf, _ = E.load_hf(model.info.source)
     path = write_gguf(E.drop_blocks(hf, REMOVED), tmp_path / "pruned.gguf", _vocabulary())
     tokens = _tokens()
     assert relative(E.folder_logits(path, tokens), simulated_logits(model, REMOVED, tokens)) <= 1e-5
+    import gguf
+
+    names = [tensor.name for tensor in gguf.GGUFReader(path).tensors]  # a tied model stores its matrix once
+    assert ("output.weight" in names) == (not hf.config.tie_word_embeddings) and len(names) == len(set(names))
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +160,24 @@ def test_strategies_choose_what_their_definitions_say(qwen):
                                                         torch.cat([inputs, outputs[-1:]])[s + 3], dim=-1)
                                    .clamp(-1, 1)).mean()) for s in range(4)]
     assert span == tuple(range(distance.index(min(distance)), distance.index(min(distance)) + 3))
+
+
+def test_greedy_is_the_engines_cumulative_greedy_removal_cut_at_k(qwen):
+    """greedy_blocks chooses what ablation.cumulative(mode="greedy") chooses in its first k steps (same order,
+    same damage), and a budget cuts the order after the first step whose damage passes it."""
+    from streamlens.prune.choose import greedy_blocks
+
+    batch, _ = _batches()
+    options = A.EvalOptions(metrics=("loss_increase",), n_boot=40)
+    engine = A.cumulative(qwen, batch, [Site("block", layer) for layer in range(qwen.n_layers)], mode="greedy",
+                          options=options)
+    damage = [float(value) for value in engine.values[:4, 0]]
+    order, measured = greedy_blocks(qwen, batch, 4, options)
+    assert order == [site.layer for site in engine.sites[:4]]
+    assert measured == pytest.approx(damage, abs=1e-10)
+    cut = max(damage[:2]) + 1e-9  # a budget the first two steps keep: the first step over it is kept, then stop
+    over = next((step for step, value in enumerate(damage) if value > cut), 3)
+    assert greedy_blocks(qwen, batch, 4, options, budget=cut)[0] == order[: over + 1] and over >= 2
 
 
 def _final_stream(model, tokens):

@@ -259,7 +259,7 @@ def test_heal_refuses_bad_input_and_writes_nothing(pair, windows, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(ValueError, match="not empty"):
         heal(pruned, windows[1], batch, busy, TrainSettings(steps=0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"] and (busy / "keep.txt").read_text() == "mine"
 

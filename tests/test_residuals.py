@@ -353,3 +353,48 @@ def test_figures_and_page_come_from_the_result(tiny_study):
     files = residuals_files(tiny_study, "test", 1.0)
     meta = json.loads(files["residuals.json"])  # strict JSON: no NaN
     assert len(meta["verdicts"]) == 9 and meta["summary"]["cnn"]["residual"]["2"]["final_heldout_accuracy"]["per_seed"]
+
+
+# ----- hostile: two runs into one --out at once, an interrupt mid-run (real processes) ------------------------
+def _spawn_residuals(out, *args):
+    """`streamlens residuals` (the quick settings) as its own process, SIGINT at its default (see below)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1",
+           "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1"}  # rich draws the progress bar live into the pipe
+    # a background job's children inherit SIGINT ignored; Python raises KeyboardInterrupt only where it is not
+    return subprocess.Popen([sys.executable, "-m", "streamlens", "residuals", *QUICK, "--out", str(out), *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_cli_two_runs_into_one_out_at_once_leave_one_whole_set(tmp_path):
+    out = tmp_path / "residuals"
+    runs = [_spawn_residuals(out) for _ in range(2)]
+    results = [(run.wait(timeout=600), run.stdout.read()) for run in runs]
+    assert [code for code, _ in results] == [0, 0], results
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "residuals.csv", "residuals.html", "residuals.json"]
+    meta = json.loads((out / "residuals.json").read_text())  # whole: parses, and names both variants
+    assert set(meta["summary"]["mlp"]) == {"plain", "pre_norm"}
+
+
+def test_cli_interrupt_mid_run_writes_nothing_and_the_next_run_works(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "residuals"
+    run = _spawn_residuals(out, "--steps", "100000")  # trains far longer than the test waits
+    text = ""
+    while "runs" not in text and run.poll() is None:  # the progress bar is up: training has started
+        text += run.stdout.read(1)
+    time.sleep(0.5)
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=120) != 0
+    assert not out.exists() or not list(out.iterdir())
+    again = CliRunner().invoke(app, ["residuals", *QUICK, "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "residuals.csv", "residuals.html", "residuals.json"]

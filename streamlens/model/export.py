@@ -174,13 +174,25 @@ def save_folder(hf_model: torch.nn.Module, tokenizer: Any, folder: str | os.Path
         for path in tmp.iterdir():  # save_pretrained writes some files private; outputs follow the umask
             os.chmod(path, 0o666 & ~umask())
         os.chmod(tmp, 0o777 & ~umask())
-        if target.is_dir():
-            target.rmdir()  # empty (checked above): rename needs the name free
-        tmp.rename(target)
+        try:
+            if target.is_dir():
+                target.rmdir()  # empty (checked above): rename needs the name free
+            tmp.rename(target)
+        except OSError:  # another run filled the folder since the check
+            raise ValueError(f"export folder {target} exists and is not empty (written by another run meanwhile): "
+                             f"give a new or empty folder") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+LOGIT_TOLERANCE = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 2e-2}  # relative; what a faithful save keeps
+
+
+def relative_difference(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |logits - reference| / max |reference| (in float64), over every position and vocabulary entry."""
+    return float((logits.double() - reference.double()).abs().max() / reference.double().abs().max())
 
 
 def check_export_folder(folder: str | os.PathLike[str]) -> Path:

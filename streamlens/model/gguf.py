@@ -7,6 +7,9 @@ GPT-2's transposed projections, Gemma 2/3 norm weights stored as 1 + w. The voca
 `GGUFVocabulary` (a byte-level BPE: tokens, types, merges), read from a fast HF tokenizer by
 `bpe_vocabulary`. Used by `streamlens prune --gguf` and by `streamlens.testing.tiny_gguf_file`.
 
+A tied model (`tie_word_embeddings`, e.g. SmolLM2) is written without `output.weight`, as llama.cpp
+writes it: the reader ties the unembedding back to `token_embd` (the matrix is stored once, not twice).
+
 What GGUF cannot say is lost on the way: config fields without a GGUF key (Gemma 3's
 `layer_types`, for one) come back as transformers' defaults; the export's proof shows it.
 """
@@ -160,10 +163,13 @@ def _write_tensors(writer: Any, hf_model: torch.nn.Module, arch: str, to_hf: dic
     import numpy as np
 
     state = hf_model.state_dict()
+    tied = bool(config.get("tie_word_embeddings"))
     written = set()
     for gguf_name, hf_name in to_hf.items():
         if hf_name not in state or hf_name in written:
             continue
+        if tied and gguf_name == "output.weight":
+            continue  # llama.cpp's tied form: no output matrix; transformers' reader ties it back to token_embd
         weights = state[hf_name].detach().to("cpu", torch.float32).numpy()
         if arch == "gpt2" and any(part in gguf_name for part in ("attn_qkv.weight", "ffn_down.weight",
                                                                  "ffn_up.weight", "attn_output.weight")):

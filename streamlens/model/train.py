@@ -14,14 +14,14 @@ On CPU with a fixed seed and thread count, two runs give bit-identical weights.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from streamlens.model.export import save_folder as save_hf_folder
 from streamlens.model.generate import torch_threads
 from streamlens.model.handle import Model
 from streamlens.model.hf import hf_context, plain_copy
@@ -157,24 +157,12 @@ def fit(hf_model: torch.nn.Module, tokens: torch.Tensor, settings: TrainSettings
     return torch.stack(losses) if losses else torch.zeros(0, dtype=torch.float64)
 
 
-def save_folder(hf_model: torch.nn.Module, tokenizer: object, folder: str | os.PathLike[str]) -> Path:
-    """Write `hf_model` and `tokenizer` as an HF folder (config, safetensors, tokenizer files).
+def save_folder(hf_model: torch.nn.Module, tokenizer: object, folder: str | os.PathLike[str],
+                facts: dict[str, Any] | None = None) -> Path:
+    """Write `hf_model` and `tokenizer` as an HF folder (config, safetensors, tokenizer files; `facts` as
+    streamlens-export.json), atomically (`export.save_folder`: an interrupted save leaves no folder).
 
-    Written into a temporary folder beside `folder` and renamed into place: an interrupted save
-    leaves no half-written folder. Refuses a `folder` that exists and is not empty.
+    Raises:
+        ValueError: `folder` exists and is not empty.
     """
-    target = Path(folder).expanduser()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise FileExistsError(f"model folder {target} exists and is not empty: give a new folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        hf_model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)  # type: ignore[attr-defined]
-        if target.exists():
-            target.rmdir()  # empty (checked above): os.replace needs it gone
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return save_hf_folder(hf_model, tokenizer, folder, facts)

@@ -3,7 +3,9 @@
 - `loss_curves`: held-out loss of every strategy against k (95% CIs over texts), clean loss marked;
 - `paired_gaps`: measured greedy minus each other strategy against k, paired 95% CIs (below 0: greedy wins);
 - `chosen_units`: which layers each strategy removes at k (a strategy x layer grid);
-- `export_differences`: the export's max relative logit difference per way of loading it, against the tolerance.
+- `export_differences`: the export's max relative logit difference per way of loading it, against the tolerance;
+- `pruned_vs_full`: held-out loss, top-1 accuracy and prompt accuracy of both models (95% CIs);
+- `heal_before_after`: held-out loss (and KL to the full model) before and after healing (95% CIs).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import plotly.graph_objects as go
 
 from streamlens.plots.style import finish
 from streamlens.results.prune import KINDS, LABELS, ExportCheck, PruneChoice, StrategyComparison
+from streamlens.results.pruned import HealResult, PrunedComparison
 
 STRATEGY_COLORS = {"greedy": "#d62728", "block_influence": "#2ca02c", "angular": "#9467bd", "last": "#7f7f7f",
                    "attention": "#1f77b4", "mlp": "#ff7f0e"}
@@ -77,3 +80,30 @@ def export_differences(check: ExportCheck) -> go.Figure:
     fig.update_yaxes(type="log")
     return finish(fig, f"Export vs simulated removal of blocks {list(check.blocks)} ({check.n_windows} held-out windows)",
                   "loaded with", "max relative logit difference")
+
+
+def _interval_bars(fig: go.Figure, table, group: str, names: tuple[str, ...], colors: tuple[str, ...]) -> go.Figure:
+    """One bar trace per value of `group` (x: metric), with the rows' 95% intervals as error bars."""
+    for name, color in zip(names, colors):
+        rows = table[table[group] == name]
+        values, low, high = rows["estimate"].tolist(), rows["low"].tolist(), rows["high"].tolist()
+        fig.add_trace(go.Bar(name=name, x=rows["metric"].tolist(), y=values, marker_color=color,
+                             error_y=_error(values, low, high)))
+    fig.update_layout(barmode="group")
+    return fig
+
+
+def pruned_vs_full(evaluation: PrunedComparison) -> go.Figure:
+    """Held-out loss (nats), top-1 accuracy and prompt accuracy of the full and the pruned model, 95% CIs."""
+    table = evaluation.to_dataframe()
+    table = table[table["metric"].isin(("loss", "top1_accuracy", "prompt_accuracy"))]
+    fig = _interval_bars(go.Figure(), table, "model", ("full", "pruned"), ("#1f77b4", "#d62728"))
+    return finish(fig, f"Full vs pruned on {evaluation.data}", "metric", "value (95% CI over texts)")
+
+
+def heal_before_after(heal: HealResult) -> go.Figure:
+    """Held-out loss (and KL to the full model) of the pruned model before and after healing, 95% CIs."""
+    table = heal.to_dataframe().rename(columns={"stage": "when"})
+    fig = _interval_bars(go.Figure(), table, "when", ("before", "after"), ("#d62728", "#2ca02c"))
+    return finish(fig, f"Healing: {heal.settings['steps']} steps ({heal.settings['mode']}, {heal.settings['loss']}), "
+                       f"judged on {heal.data}", "metric", "nats (95% CI over texts)")

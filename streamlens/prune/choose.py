@@ -1,8 +1,9 @@
 """Choose what to remove: every strategy of the layer-pruning literature, on the same choice data.
 
-- greedy: measured greedy removal. Step k removes, of the blocks left, the one whose removal
-  together with the k - 1 already removed raises the loss least on the choice data (the engine's
-  zero, total-effect removal); with a budget it stops once the damage passes the budget;
+- greedy: measured greedy removal (the steps of `ablation.cumulative(mode="greedy")`). Step k removes, of the blocks
+  left, the one whose removal together with the k - 1 already removed raises the loss least on the
+  choice data (the engine's zero, total-effect removal); with a budget it stops once the damage
+  passes the budget;
 - block_influence (Men et al. 2024, ShortGPT): the k blocks with the lowest BI = 1 - cos(x_l, x_{l+1});
 - angular (Gromov et al. 2024): the span of k consecutive blocks whose input and output streams are
   closest in angular distance;
@@ -49,8 +50,11 @@ def greedy_blocks(model: Model, batch: TokenBatch, k_max: int, options: A.EvalOp
     """Measured greedy removal of up to `k_max` blocks: (removal order, mean loss increase after each step).
 
     Each step evaluates every remaining block added to those already removed (L - step evaluations)
-    and keeps the least damaging. With `budget` (nats) it stops after the first step whose damage
-    passes the budget (that step is kept, so `PruneChoice.k_budget` can see it).
+    and keeps the least damaging: the first `k_max` steps of `ablation.cumulative(mode="greedy")` over
+    every block (tested equal). The engine's function runs all L steps (L(L+1)/2 evaluations: 465
+    for SmolLM2 against 87 for the default k = 3), so this loop stays until it can stop at k_max.
+    With `budget` (nats) it stops after the first step whose damage passes the budget (that step is
+    kept, so `PruneChoice.k_budget` can see it).
     """
     options = A.EvalOptions.of(options, metrics=("loss_increase",), n_boot=A.MIN_BOOTSTRAP)  # only the means are used
     removed: list[Site] = []
@@ -65,6 +69,11 @@ def greedy_blocks(model: Model, batch: TokenBatch, k_max: int, options: A.EvalOp
         if budget is not None and damage[-1] > budget:
             break
     return [site.layer for site in removed], damage
+
+
+def greedy_evaluations(n_layers: int, k_max: int) -> int:
+    """Evaluations `greedy_blocks` runs per chunk of texts (for progress bars): L + (L - 1) + ... k_max terms."""
+    return sum(n_layers - step for step in range(k_max))
 
 
 def lowest(scores: torch.Tensor, k: int) -> tuple[int, ...]:

@@ -23,12 +23,12 @@ from streamlens.prune.choose import unit_sites
 from streamlens.results import Provenance, command_line
 from streamlens.results.prune import ExportCheck
 
-TOLERANCE = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 2e-2}
+TOLERANCE = E.LOGIT_TOLERANCE
 GGUF_NAME = "model-f32.gguf"
 
 
 def export(model: Model, blocks: Sequence[int], folder: str | os.PathLike[str], gguf: bool = False,
-           command: str | None = None) -> Path:
+           command: str | None = None, run_id: str | None = None) -> Path:
     """Write `model` with `blocks` deleted as an HF folder at `folder` (and a GGUF file inside it with `gguf`).
 
     The weights come from the model's own source (an HF folder, or the cached safetensors of a GGUF
@@ -41,7 +41,8 @@ def export(model: Model, blocks: Sequence[int], folder: str | os.PathLike[str], 
     del hf_model
     facts = {"removed_blocks": sorted(int(b) for b in blocks), "source_model": model.info.name,
              "source_weights_sha256": model.info.weights_hash, "n_layers_before": model.n_layers,
-             "n_layers_after": model.n_layers - len(blocks), "command": command or command_line()}
+             "n_layers_after": model.n_layers - len(blocks), "command": command or command_line(),
+             **({"run_id": run_id} if run_id else {})}
     return E.save_folder(pruned, tokenizer, folder, facts, gguf_name=GGUF_NAME if gguf else None)
 
 
@@ -52,9 +53,7 @@ def simulated_logits(model: Model, blocks: Sequence[int], tokens: torch.Tensor, 
                                                                                         batch_size)])
 
 
-def relative(logits: torch.Tensor, reference: torch.Tensor) -> float:
-    """max |logits - reference| / max |reference|."""
-    return float((logits.double() - reference.double()).abs().max() / reference.double().abs().max())
+relative = E.relative_difference
 
 
 def prove(model: Model, folder: str | os.PathLike[str], blocks: Sequence[int], tokens: torch.Tensor,

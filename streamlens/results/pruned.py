@@ -122,6 +122,9 @@ class HealResult(Result):
     [text]: per-window mean KL(full || model) when the full model was given, else empty [0].
     train_loss [step]: the training loss of each step (on the training windows, never the held-out
     ones). With 0 steps the healed model is the pruned one: after == before exactly.
+    proof: the saved folder loaded back against the trained model in memory, max |logits - trained
+    logits| / max |trained logits| on the first `proof_windows` held-out windows, per way of loading
+    ("transformers", "streamlens"); empty where not measured. `proof_tolerance`: what passes.
     """
 
     provenance: Provenance
@@ -139,6 +142,16 @@ class HealResult(Result):
     n_boot: int = 1000
     seed: int = 0
     level: float = 0.95
+    proof: dict[str, float] | None = None
+    proof_tolerance: float | None = None
+    proof_windows: int = 0
+
+    @property
+    def proved(self) -> bool | None:
+        """Every way of loading the saved folder within `proof_tolerance` (None: not measured)."""
+        if not self.proof or self.proof_tolerance is None:
+            return None
+        return all(value <= self.proof_tolerance for value in self.proof.values())
 
     def to_dataframe(self) -> "pd.DataFrame":
         """Rows (metric, stage, estimate, low, high): before, after, and after - before (paired bootstrap)."""
