@@ -69,9 +69,11 @@ def exact(args, folder: Path) -> None:
 
 
 def configs(args) -> list[tuple[str, int]]:
-    """(estimator, steps) of the frontier: ig at each N (N = 1 is AtP) and the second-order term."""
-    out = [("ig", steps) for steps in (int(n) for n in args.steps.split(","))]
-    return out + ([("second-order", 1)] if args.second_order else [])
+    """(estimator, steps) of the frontier: ig at each N (N = 1 is AtP), the second-order term and the
+    further estimators named by `--also` (e.g. atp-qk,atpstar)."""
+    out = [("ig", steps) for steps in (int(n) for n in args.steps.split(",") if n)]
+    out += [("second-order", 1)] if args.second_order else []
+    return out + [(name, 1) for name in args.also.split(",") if name]
 
 
 def frontier(args, folder: Path) -> None:
@@ -140,35 +142,47 @@ def topk(args, folder: Path) -> None:
         for method in args.methods.split(","):
             estimate = AblationResult.load(folder / f"estimate_{kind}_{method}_{args.topk_estimate}.safetensors")
             exact = AblationResult.load(folder / f"exact_{kind}_{method}.safetensors")
-            run, wall, cpu = timed(lambda: A.exact_top(model, batch, estimate, args.top, command="bench topk"))
+            run, wall, cpu = timed(lambda: A.exact_top(model, batch, estimate, args.top, alpha=args.alpha,
+                                                       command="bench topk"))
             truth = [exact.units[i] for i in A.by_damage(exact, "loss_increase")[::-1][: args.top]]
             print(f"{kind} {method} exact top {args.top} from {args.topk_estimate}: {run.evaluations} of {run.n_units} "
-                  f"exact evaluations ({run.evaluations / run.n_units:.2f}), settled {run.settled}, bound "
-                  f"{run.bound:.4f}; same set as the full sweep: {set(run.top) == set(truth)}, same order: "
+                  f"exact evaluations ({run.evaluations / run.n_units:.2f}), settled {run.settled}, q "
+                  f"{run.quantile:.4f}; same set as the full sweep: {set(run.top) == set(truth)}, same order: "
                   f"{list(run.top) == truth}; {cpu:.1f} s cpu (exact sweep "
                   f"{json.loads((folder / f'exact_{kind}_{method}.json').read_text())['cpu']:.1f} s)", flush=True)
 
 
 def replay(args, folder: Path) -> None:
-    """`exact_top`'s stop rule replayed on the saved exact sweep (no model: measuring a unit = reading its
-    exact value, which `evaluate` reproduces to 1e-12): how many exact evaluations each saved estimate
-    would need to settle the exact top K, and whether the top K it returns is the sweep's."""
-    from streamlens.ablation.attribute.topk import settle
+    """`exact_top`'s rule replayed on the saved exact sweeps (no model: measuring a unit = reading its
+    exact value, which the engine reproduces to 1e-12), over `--draws` calibration draws: the exact
+    evaluations (median, max) and how many draws return the sweep's top K (set and order). With
+    `--first-layers L` the units of layers < L are measured too (a stratum outside the error model)."""
+    from streamlens.ablation.attribute.topk import calibration_rows, min_calibration, settle
 
+    print(f"| unit | method | estimate | first layers exact | evaluations (median, max of {args.draws} draws) "
+          f"| of | top {args.top} = sweep's |")
+    print("|---|---|---|---:|---|---:|---:|")
     for path in sorted(folder.glob("estimate_*.safetensors")):
         kind, method, label = path.stem.split("_")[1:4]
         exact_path = folder / f"exact_{kind}_{method}.safetensors"
-        if not exact_path.exists():
+        if not exact_path.exists() or kind not in args.units.split(","):
             continue
         estimate, exact = AblationResult.load(path), AblationResult.load(exact_path)
         truth_damage = exact.values[[exact.units.index(u) for u in estimate.units], 0]  # loss increase: damage
-        damage, bound, done = settle(estimate.values[:, 0], lambda rows: [float(truth_damage[r]) for r in rows],
-                                     args.top)
-        found = sorted(damage, key=lambda row: -damage[row])[: args.top]
         truth = torch.argsort(truth_damage, descending=True)[: args.top].tolist()
-        print(f"| {kind} | {method} | {label} | {len(damage)} of {len(estimate.units)} "
-              f"({len(damage) / len(estimate.units):.2f}) | {'yes' if done else 'no'} | {bound:.3f} | "
-              f"{'yes' if found == truth else 'NO'} |")
+        always = [row for row, unit in enumerate(estimate.sites) if unit[0].layer < args.first_layers]
+        counts, right = [], 0
+        for draw in range(args.draws):
+            pool = len(estimate.units) - args.top - len(always)
+            estimated = estimate.values[:, 0]
+            drawn = calibration_rows(estimated, args.top, min(min_calibration(args.alpha), pool), draw, always)
+            found = settle(estimated, lambda rows: [float(truth_damage[r]) for r in rows], args.top, drawn,
+                           args.alpha, always)
+            counts.append(len(found.damage))
+            right += found.top(args.top) == truth
+        counts.sort()
+        print(f"| {kind} | {method} | {label} | {args.first_layers} | {counts[len(counts) // 2]}, {counts[-1]} "
+              f"| {len(estimate.units)} | {right} of {args.draws} |")
 
 
 def memory(args, folder: Path) -> None:
@@ -194,9 +208,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="ig step counts")
     parser.add_argument("--second-order", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--also", default="", help="further estimators, comma-separated (atp-qk, atpstar)")
     parser.add_argument("--batch-size", type=int, default=8, help="texts per gradient forward")
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument("--topk-estimate", default="ig-4", help="the saved estimate exact_top starts from")
+    parser.add_argument("--alpha", type=float, default=0.05, help="exact_top: the conformal miscoverage")
+    parser.add_argument("--draws", type=int, default=20, help="replay: calibration draws (seeds 0..draws-1)")
+    parser.add_argument("--first-layers", type=int, default=0, help="replay: measure layers below this too")
     args = parser.parse_args()
     folder = Path(args.save)
     folder.mkdir(parents=True, exist_ok=True)

@@ -114,7 +114,8 @@ def _print(result, exact, agreement, run, exact_top: int, top: int, seconds: dic
     if run is not None:
         typer.echo(f"exact top {exact_top}: {', '.join(run.top)}; {run.evaluations} exact evaluations of "
                    f"{run.n_units} units ({run.evaluations / run.n_units:.0%} of the full sweep), "
-                   + (f"settled by the bound {run.bound:.4g}" if run.settled else "never settled: every unit measured"))
+                   + (f"settled by the conformal bound (q {run.quantile:.3g}, alpha {run.alpha:g}, "
+                      f"{len(run.calibration)} random units)" if run.settled else "never settled: every unit measured"))
     typer.echo(f"estimate {seconds['estimate']:.1f} s" + (f", exact top {top} {seconds['verify']:.1f} s" if top else "")
                + (f", exact top {exact_top} {seconds['exact_top']:.1f} s" if run is not None else "")
                + f"; {wrote} in {seconds['total']:.1f} s")
@@ -157,7 +158,7 @@ def _top_summary(run: Any) -> dict | None:
     if run is None:
         return None
     return {"k": len(run.top), "top": list(run.top), "evaluations": run.evaluations, "units": run.n_units,
-            "bound": run.bound, "settled": run.settled}
+            "calibration": list(run.calibration), "quantile": run.quantile, "alpha": run.alpha, "settled": run.settled}
 
 
 def _table(estimate, exact):
