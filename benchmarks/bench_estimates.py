@@ -7,6 +7,7 @@ estimator and number of steps, with the exact sweep computed ONCE per (kind, met
     python benchmarks/bench_estimates.py table --save runs/est            # the Markdown table (+ figure)
     python benchmarks/bench_estimates.py topk --save runs/est --top 10   # --exact-top on the heads
     python benchmarks/bench_estimates.py replay --save runs/est --top 10  # the stop rule on the saved sweeps
+    python benchmarks/bench_estimates.py ceiling --save runs/est          # how reproducible the exact sweep is
     python benchmarks/bench_estimates.py memory --save runs/est --window 64 --max-windows 16 --steps 1 --batch-size 16
 
 Small data on purpose (8 windows of 32 tokens): the machine is shared. CPU seconds come from
@@ -68,12 +69,14 @@ def exact(args, folder: Path) -> None:
             print(f"exact {kind} {method}: {len(result.units)} units {cpu:.1f} s cpu ({wall:.1f} s wall)", flush=True)
 
 
-def configs(args) -> list[tuple[str, int]]:
-    """(estimator, steps) of the frontier: ig at each N (N = 1 is AtP), the second-order term and the
-    further estimators named by `--also` (e.g. atp-qk,atpstar)."""
-    out = [("ig", steps) for steps in (int(n) for n in args.steps.split(",") if n)]
-    out += [("second-order", 1)] if args.second_order else []
-    return out + [(name, 1) for name in args.also.split(",") if name]
+def configs(args) -> list[tuple[str, int, int]]:
+    """(estimator, steps, depth) of the frontier: ig at each N (N = 1 is AtP), the second-order term
+    and the further estimators named by `--also` (e.g. atp-qk,atpstar,local-0,local-1)."""
+    out = [("ig", steps, 0) for steps in (int(n) for n in args.steps.split(",") if n)]
+    out += [("second-order", 1, 0)] if args.second_order else []
+    for name in filter(None, args.also.split(",")):
+        out.append(("local", 1, int(name.split("-")[1])) if name.startswith("local-") else (name, 1, 0))
+    return out
 
 
 def frontier(args, folder: Path) -> None:
@@ -82,13 +85,13 @@ def frontier(args, folder: Path) -> None:
     loaded = peak_rss_gb()
     for kind in args.units.split(","):
         for method in args.methods.split(","):
-            for estimate, steps in configs(args):
-                label = A.method_label(estimate, steps)
+            for estimate, steps, depth in configs(args):
+                label = A.method_label(estimate, steps, depth)
                 path = folder / f"estimate_{kind}_{method}_{label}.safetensors"
                 if path.exists():
                     continue
                 result, wall, cpu = timed(lambda: A.attribute(model, batch, kind, method, estimate=estimate,
-                                                              steps=steps, batch_size=args.batch_size,
+                                                              steps=steps, depth=depth, batch_size=args.batch_size,
                                                               command="bench_estimates frontier"))
                 result.save(path)
                 path.with_suffix(".json").write_text(json.dumps({"wall": wall, "cpu": cpu, "rss_gb": peak_rss_gb(),
@@ -185,6 +188,31 @@ def replay(args, folder: Path) -> None:
               f"| {len(estimate.units)} | {right} of {args.draws} |")
 
 
+def ceiling(args, folder: Path) -> None:
+    """How far the exact sweep itself is reproducible, to read the Spearman goal against: per (kind,
+    method), the Spearman of the exact effects on the even texts against the odd texts (split half),
+    the units whose exact 95% CI excludes 0 (resolved), and each estimate's Spearman over those only."""
+    from streamlens import stats
+
+    print("| unit | method | exact split-half Spearman | resolved units | Spearman over the resolved units |")
+    print("|---|---|---:|---:|---|")
+    for exact_path in sorted(folder.glob("exact_*.safetensors")):
+        kind, method = exact_path.stem.split("_")[1:3]
+        exact = AblationResult.load(exact_path)
+        per_text = exact.per_text[:, 0]
+        halves = stats.ranks(per_text[:, 0::2].mean(-1)), stats.ranks(per_text[:, 1::2].mean(-1))
+        split = float(torch.corrcoef(torch.stack(halves))[0, 1])
+        resolved = [row for row in range(len(exact.units)) if exact.ci_low[row, 0] > 0 or exact.ci_high[row, 0] < 0]
+        cells = []
+        for path in sorted(folder.glob(f"estimate_{kind}_{method}_*.safetensors")):
+            estimate = AblationResult.load(path)
+            guess = estimate.values[[estimate.units.index(exact.units[row]) for row in resolved], 0]
+            truth = exact.values[resolved, 0]
+            rho = float(torch.corrcoef(torch.stack([stats.ranks(guess), stats.ranks(truth)]))[0, 1])
+            cells.append(f"{path.stem.split('_')[3]} {rho:.2f}")
+        print(f"| {kind} | {method} | {split:.2f} | {len(resolved)} of {len(exact.units)} | {'; '.join(cells)} |")
+
+
 def memory(args, folder: Path) -> None:
     """Peak RSS of one estimate (heads, mean) over the loaded model, texts `--batch-size` at a time; run
     once per batch size, each in a fresh process (the peak is per process)."""
@@ -199,7 +227,7 @@ def memory(args, folder: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=("exact", "frontier", "table", "topk", "replay", "memory"))
+    parser.add_argument("stage", choices=("exact", "frontier", "table", "topk", "replay", "ceiling", "memory"))
     parser.add_argument("--save", required=True, help="folder of the saved results")
     parser.add_argument("--units", default="head,block,attn,mlp")
     parser.add_argument("--methods", default="mean,resample")
@@ -208,7 +236,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", default=",".join(map(str, STEPS)), help="ig step counts")
     parser.add_argument("--second-order", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--also", default="", help="further estimators, comma-separated (atp-qk, atpstar)")
+    parser.add_argument("--also", default="", help="further estimators, comma-separated (atp-qk, atpstar, local-D)")
     parser.add_argument("--batch-size", type=int, default=8, help="texts per gradient forward")
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument("--topk-estimate", default="ig-4", help="the saved estimate exact_top starts from")
@@ -218,7 +246,8 @@ def main() -> None:
     args = parser.parse_args()
     folder = Path(args.save)
     folder.mkdir(parents=True, exist_ok=True)
-    {"exact": exact, "frontier": frontier, "table": table, "topk": topk, "replay": replay, "memory": memory}[args.stage](args, folder)
+    {"exact": exact, "frontier": frontier, "table": table, "topk": topk, "replay": replay, "ceiling": ceiling,
+     "memory": memory}[args.stage](args, folder)
 
 
 if __name__ == "__main__":

@@ -465,3 +465,62 @@ def test_error_bar_and_measured_round_trip(tiny, windows, tmp_path):
     back = AblationResult.load(run.result.save(tmp_path / "top.safetensors"))
     assert torch.equal(back.measured, run.result.measured) and torch.equal(back.error_bar, run.result.error_bar)
     assert "estimate_error" in back.to_dataframe() and back.estimate == "ig-2"
+
+
+def _local_reference(model, batch, deltas, stop_hook):
+    """By hand: (stream at `stop_hook` with the writes set to clean + delta - the clean stream) . the
+    clean gradient of the per-text loss there, per text [n] (plain hooks, full logits)."""
+    kept = {}
+
+    def grab(tensor, hook):
+        kept["clean"] = tensor.detach().clone().requires_grad_(True)
+        return kept["clean"]
+
+    with torch.inference_mode(False), torch.enable_grad():
+        logits = model.run(batch.tokens, hooks=[(stop_hook, grab)]).double()
+        loss = sum(F.cross_entropy(logits[i][batch.scored[i]], batch.labels[i][batch.scored[i]])
+                   for i in range(batch.n_texts))
+        (grad,) = torch.autograd.grad(loss, kept["clean"])
+
+    def move(write):
+        clean, delta = deltas[write]
+
+        def hook(tensor, hook):
+            out = tensor.clone()
+            if write.kind == "head":
+                out[:, :, write.head] = clean + delta
+            else:
+                out[:] = clean + delta
+            return out
+
+        return hook
+
+    def capture(tensor, hook):
+        kept["moved"] = tensor.detach().clone()
+
+    model.run(batch.tokens, hooks=[(_hook_of(w), move(w)) for w in deltas] + [(stop_hook, capture)])
+    return ((kept["moved"] - kept["clean"].detach()).double() * grad.double()).sum(dim=(1, 2))
+
+
+@pytest.mark.parametrize("kind", A.UNIT_KINDS)
+def test_local_is_exact_to_its_depth_then_first_order(tiny, windows, kind):
+    """local-d: the stream after layer min(l + d, L - 1), recomputed with the unit replaced, dotted with
+    the clean gradient there, equals the hand-made reference; MLP and block units at depth 0 are AtP."""
+    last = tiny.n_layers - 1
+    for depth in (0, 1):
+        result = A.attribute(tiny, windows, kind, "mean", n_boot=40, estimate="local", depth=depth, batch_size=8)
+        assert result.estimate == f"local-{depth}"
+        for unit in _units(tiny, kind):
+            stop = min(unit.layer + depth, last)
+            hook = sites.resid_pre(stop + 1) if stop < last else sites.FINAL_STREAM
+            reference = _local_reference(tiny, windows, _deltas(tiny, windows, unit, "mean"), hook)
+            estimate = result.per_text[result.units.index(unit.label), 0]
+            assert torch.allclose(estimate, reference, atol=1e-9, rtol=1e-7), (unit.label, depth)
+    if kind in ("mlp", "block"):
+        atp = A.attribute(tiny, windows, kind, "mean", n_boot=40)
+        local = A.attribute(tiny, windows, kind, "mean", n_boot=40, estimate="local")
+        assert torch.allclose(atp.per_text, local.per_text, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="local depth -1 must be an integer of at least 0"):
+        A.attribute(tiny, windows, kind, "mean", estimate="local", depth=-1)
+    with pytest.raises(ValueError, match="depth 2 given with estimate 'ig'"):
+        A.attribute(tiny, windows, kind, "mean", estimate="ig", depth=2)
