@@ -21,12 +21,13 @@ if TYPE_CHECKING:
 ESTIMATE = typer.Option("none", "--estimate", help="none (measure each unit); atp: estimate every unit at once from "
                         "one forward and backward pass (attribution patching); atp-qk, atpstar: with AtP*'s fixes; "
                         "ig: integrated gradients over --ig-steps points of the clean -> ablated path; "
-                        "second-order: AtP plus the path's second-order term (docs/estimates.md).")
+                        "second-order: AtP plus the path's second-order term; local: exact through the unit's own block, first "
+                        "order after (docs/estimates.md).")
 IG_STEPS = typer.Option(1, "--ig-steps", help="With --estimate ig: N points of the path (left rule; 1 = atp); "
                         "an even N also gives each row an error bar |IG(N) - IG(N/2)|.")
-EXACT_TOP = typer.Option(0, "--exact-top", help="With --estimate: measure units exactly in the order of the estimate "
-                         "until the exact top K is settled (docs/estimates.md: the stop rule); rows are marked exact "
-                         "or estimate.")
+EXACT_TOP = typer.Option(0, "--exact-top", help="With --estimate: measure the top K by estimate and 19 random units "
+                         "exactly, then units in the order of their conformal upper bound until the exact top K is "
+                         "settled (docs/estimates.md: the rule and its guarantee); rows are marked exact or estimate.")
 
 
 def check_estimate_options(estimate: str, ig_steps: int, exact_top: int, verify_top: int, verify_all: bool) -> None:
