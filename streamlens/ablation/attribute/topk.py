@@ -174,6 +174,7 @@ def exact_top(
     estimated = M.damage(name, estimate.values[:, column])
     drawn = calibration_rows(estimated, top, calibration, options.seed)
     engine = Engine.of(model, batch, options)
+    warm(engine, [Ablation(sites, method, "total") for sites, method in zip(estimate.sites, estimate.methods)])
     measured: dict[int, torch.Tensor] = {}  # row -> per-text values [metric, text]
 
     def measure(rows: list[int]) -> list[float]:
@@ -187,6 +188,14 @@ def exact_top(
     result = merged(estimate, measured, options)
     return ExactTop(result, name, tuple(estimate.units[row] for row in found.top(top)), len(measured), n_units,
                     tuple(estimate.units[row] for row in drawn), found.quantile, alpha, found.settled)
+
+
+def warm(engine: Engine, specs: list[Ablation]) -> None:
+    """Compute the means of every unit's writes once, and the first clean chunk with every donor write
+    (`Engine.passes` does both before its first group), so that later rounds reuse them instead of
+    repeating a forward over the texts each round."""
+    with torch.inference_mode():
+        next(iter(engine.passes(specs)), None)
 
 
 def merged(estimate: AblationResult, measured: dict[int, torch.Tensor], options: EvalOptions) -> AblationResult:
