@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 ESTIMATE = typer.Option("none", "--estimate", help="none (measure each unit); atp: estimate every unit at once from "
                         "one forward and backward pass (attribution patching); atp-qk, atpstar: with AtP*'s fixes; "
                         "ig: integrated gradients over --ig-steps points of the clean -> ablated path; "
-                        "second-order: AtP plus the path's second-order term; local: exact through the unit's own block, first "
-                        "order after (docs/estimates.md).")
+                        "second-order: AtP plus the path's second-order term; local: exact through the unit's own "
+                        "block, first order after (docs/estimates.md).")
 IG_STEPS = typer.Option(1, "--ig-steps", help="With --estimate ig: N points of the path (left rule; 1 = atp); "
                         "an even N also gives each row an error bar |IG(N) - IG(N/2)|.")
 EXACT_TOP = typer.Option(0, "--exact-top", help="With --estimate: measure the top K by estimate and 19 random units "

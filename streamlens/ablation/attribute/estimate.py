@@ -103,9 +103,7 @@ def attribute(
         per_text, error, dropped, clean_loss = _per_text(model, batch, chosen, writes, names, method,
                                                          (estimate, steps, depth), options, progress)
     values, low, high = M.bootstrap_ci(per_text, n_boot=options.n_boot, seed=options.seed)
-    cancellation = None
-    if estimate == "atpstar":
-        cancellation = dropped.mean(-1).abs().sum(0) / max(1, model.n_layers - 1)
+    cancellation = dropped.mean(-1).abs().sum(0) / max(1, model.n_layers - 1) if estimate == "atpstar" else None
     has_bar = estimate == "second-order" or (estimate == "ig" and steps % 2 == 0)
     return AblationResult(
         provenance=Provenance.of(model, command or command_line(), options.seed), metrics=names,

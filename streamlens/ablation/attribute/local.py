@@ -111,7 +111,7 @@ class LocalChunk:
         variants = [{w: self.replacements[w] for w in Ablation((self.chosen[row],)).writes} for row in rows]
         stream = einops.repeat(start, "n pos d -> (k n) pos d", k=len(rows)).clone()
         first = layer
-        if self.chosen[rows[0]].kind == "block":  # the whole block replaced: resid_post l = resid_pre l + r_attn + r_mlp
+        if self.chosen[rows[0]].kind == "block":  # whole block replaced: resid_post = resid_pre + r_attn + r_mlp
             for index, reps in enumerate(variants):
                 part = slice(index * self.n_texts, (index + 1) * self.n_texts)
                 stream[part] = stream[part] + reps[Site("attn", layer)] + reps[Site("mlp", layer)]
