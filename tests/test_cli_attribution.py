@@ -59,6 +59,10 @@ def test_exact_top_marks_rows_and_finds_the_sweeps_top(tiny_folder, tmp_path):
     assert "estimate_error" in table and (table.loc[table["source"] == "exact", "estimate_error"] == 0).all()
     meta = json.loads((out / "ablation.json").read_text())
     assert meta["exact_top"]["evaluations"] == (table["source"] == "exact").sum() and meta["estimate"] == "ig-2"
+    # 12 heads: 9 outside the top 3, fewer than the 19 a finite 95% conformal bound needs: all measured
+    top = meta["exact_top"]
+    assert (top["alpha"], len(top["calibration"]), top["evaluations"], top["settled"]) == (0.05, 9, 12, False)
+    assert "never settled: every unit measured" in " ".join(result.output.split())
     assert "How far to trust each row" in (out / "ablation.html").read_text()
     assert _run(*common, "--out", sweep_out).exit_code == 0
     sweep = pd.read_csv(sweep_out / "ablation.csv")
@@ -67,6 +71,17 @@ def test_exact_top_marks_rows_and_finds_the_sweeps_top(tiny_folder, tmp_path):
         assert value == pytest.approx(sweep[unit], abs=1e-9)
     top = sweep.sort_values(ascending=False).index[:3].tolist()
     assert f"exact top 3: {', '.join(top)}" in " ".join(result.output.split())
+
+
+def test_local_estimate_is_marked_and_verified(tiny_folder, tmp_path):
+    """--estimate local: rows say local-0, and the verified rows sit next to the exact numbers."""
+    out = tmp_path / "out"
+    result = _run("--model", tiny_folder, "--dtype", "float64", "--unit", "attn", "--method", "resample",
+                  "--estimate", "local", "--verify-top", "3", "--data", TEXT, "--window", "8", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert set(pd.read_csv(out / "ablation.csv")["estimate"]) == {"local-0"}
+    verify = pd.read_csv(out / "ablation_verify.csv")
+    assert len(verify) == 3 and (verify["error"] - (verify["estimate"] - verify["exact"])).abs().max() < 1e-12
 
 
 @pytest.mark.parametrize("args, message", [

@@ -21,12 +21,13 @@ if TYPE_CHECKING:
 ESTIMATE = typer.Option("none", "--estimate", help="none (measure each unit); atp: estimate every unit at once from "
                         "one forward and backward pass (attribution patching); atp-qk, atpstar: with AtP*'s fixes; "
                         "ig: integrated gradients over --ig-steps points of the clean -> ablated path; "
-                        "second-order: AtP plus the path's second-order term (docs/estimates.md).")
+                        "second-order: AtP plus the path's second-order term; local: exact through the unit's own "
+                        "block, first order after (docs/estimates.md).")
 IG_STEPS = typer.Option(1, "--ig-steps", help="With --estimate ig: N points of the path (left rule; 1 = atp); "
                         "an even N also gives each row an error bar |IG(N) - IG(N/2)|.")
-EXACT_TOP = typer.Option(0, "--exact-top", help="With --estimate: measure units exactly in the order of the estimate "
-                         "until the exact top K is settled (docs/estimates.md: the stop rule); rows are marked exact "
-                         "or estimate.")
+EXACT_TOP = typer.Option(0, "--exact-top", help="With --estimate: measure the top K by estimate and 19 random units "
+                         "exactly, then units in the order of their conformal upper bound until the exact top K is "
+                         "settled (docs/estimates.md: the rule and its guarantee); rows are marked exact or estimate.")
 
 
 def check_estimate_options(estimate: str, ig_steps: int, exact_top: int, verify_top: int, verify_all: bool) -> None:
@@ -114,7 +115,8 @@ def _print(result, exact, agreement, run, exact_top: int, top: int, seconds: dic
     if run is not None:
         typer.echo(f"exact top {exact_top}: {', '.join(run.top)}; {run.evaluations} exact evaluations of "
                    f"{run.n_units} units ({run.evaluations / run.n_units:.0%} of the full sweep), "
-                   + (f"settled by the bound {run.bound:.4g}" if run.settled else "never settled: every unit measured"))
+                   + (f"settled by the conformal bound (q {run.quantile:.3g}, alpha {run.alpha:g}, "
+                      f"{len(run.calibration)} random units)" if run.settled else "never settled: every unit measured"))
     typer.echo(f"estimate {seconds['estimate']:.1f} s" + (f", exact top {top} {seconds['verify']:.1f} s" if top else "")
                + (f", exact top {exact_top} {seconds['exact_top']:.1f} s" if run is not None else "")
                + f"; {wrote} in {seconds['total']:.1f} s")
@@ -157,7 +159,7 @@ def _top_summary(run: Any) -> dict | None:
     if run is None:
         return None
     return {"k": len(run.top), "top": list(run.top), "evaluations": run.evaluations, "units": run.n_units,
-            "bound": run.bound, "settled": run.settled}
+            "calibration": list(run.calibration), "quantile": run.quantile, "alpha": run.alpha, "settled": run.settled}
 
 
 def _table(estimate, exact):

@@ -2,9 +2,10 @@
 
 Modules, each importing only those before it: `common` (metrics with a gradient, per-text values),
 `atpstar` (AtP and AtP*'s QK fix and GradDrop), `paths` (integrated gradients and the second-order
-term along the clean -> ablated path), `estimate` (`attribute`, the one entry point), `check`
-(`ranking`, `verify`, `agreement`), `topk` (`exact_top`: the exact top K, measured in the estimate's
-order until no unmeasured unit can enter it).
+term along the clean -> ablated path), `local` (exact through the unit's own block and d more layers,
+first order after), `estimate` (`attribute`, the one entry point), `check` (`ranking`, `verify`,
+`agreement`), `topk` (`exact_top`: the exact top K, settled by a split-conformal error model
+calibrated on a random sample of units).
 """
 
 from streamlens.ablation.attribute.check import Agreement, agreement, ranking, verify

@@ -24,6 +24,7 @@ from streamlens import metrics as M
 from streamlens.ablation import replace as R
 from streamlens.ablation.attribute.atpstar import AtpChunk
 from streamlens.ablation.attribute.common import gradient_metrics
+from streamlens.ablation.attribute.local import LocalChunk
 from streamlens.ablation.attribute.paths import PathChunk
 from streamlens.ablation.options import EvalOptions
 from streamlens.ablation.spec import Ablation, Progress, stream_order, units
@@ -31,23 +32,28 @@ from streamlens.data import TokenBatch
 from streamlens.model import Model
 from streamlens.results import AblationResult, Provenance, command_line
 
-ESTIMATES = ("atp", "atp-qk", "atpstar", "ig", "second-order")
+ESTIMATES = ("atp", "atp-qk", "atpstar", "ig", "second-order", "local")
 MAX_STEPS = 256
 
 
-def method_label(estimate: str, steps: int = 1) -> str:
-    """The name an estimate carries in its result: "ig-8" for 8 steps, else the estimator's name."""
-    return f"ig-{steps}" if estimate == "ig" else estimate
+def method_label(estimate: str, steps: int = 1, depth: int = 0) -> str:
+    """The name an estimate carries in its result: "ig-8" for 8 steps, "local-2" for depth 2, else the
+    estimator's name."""
+    return f"ig-{steps}" if estimate == "ig" else f"local-{depth}" if estimate == "local" else estimate
 
 
-def check_estimate(estimate: str, steps: int) -> None:
-    """Raise ValueError naming a bad estimator or step count."""
+def check_estimate(estimate: str, steps: int, depth: int = 0) -> None:
+    """Raise ValueError naming a bad estimator, step count or depth."""
     if estimate not in ESTIMATES:
         raise ValueError(f"unknown estimate {estimate!r}: choose from {', '.join(ESTIMATES)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"ig steps {steps!r} must be an integer from 1 to {MAX_STEPS}")
     if steps != 1 and estimate != "ig":
         raise ValueError(f"ig steps {steps} given with estimate {estimate!r}: steps apply to estimate 'ig' only")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"local depth {depth!r} must be an integer of at least 0")
+    if depth != 0 and estimate != "local":
+        raise ValueError(f"depth {depth} given with estimate {estimate!r}: depth applies to estimate 'local' only")
 
 
 def attribute(
@@ -61,6 +67,7 @@ def attribute(
     *,
     estimate: str = "atp",
     steps: int = 1,
+    depth: int = 0,
     progress: Progress | None = None,
     command: str | None = None,
     **changes: Any,
@@ -78,13 +85,14 @@ def attribute(
             apply to the batch); `batch_size` is the most texts in one gradient forward (bounds memory).
         estimate: one of `ESTIMATES` (module docstring).
         steps: N for "ig" (1 = AtP).
+        depth: for "local", the layers after the unit's own computed exactly (`local.py`).
         progress: called with 1 after each chunk of texts.
 
     Returns:
         `AblationResult` (estimate set) with values and CIs [unit, metric] and per-text values
         [unit, metric, text], rows in the order of `units(model, unit, layers, heads)`.
     """
-    check_estimate(estimate, steps)
+    check_estimate(estimate, steps, depth)
     options = EvalOptions.of(options, **changes)
     names = gradient_metrics(options.metrics, batch)
     chosen = units(model, unit, layers, heads)
@@ -92,12 +100,10 @@ def attribute(
     started = time.perf_counter()
     writes = sorted({w for spec in specs for w in spec.writes}, key=stream_order)
     with options.torch_threads():
-        per_text, error, dropped, clean_loss = _per_text(model, batch, chosen, writes, names, method, estimate,
-                                                         steps, options, progress)
+        per_text, error, dropped, clean_loss = _per_text(model, batch, chosen, writes, names, method,
+                                                         (estimate, steps, depth), options, progress)
     values, low, high = M.bootstrap_ci(per_text, n_boot=options.n_boot, seed=options.seed)
-    cancellation = None
-    if estimate == "atpstar":
-        cancellation = dropped.mean(-1).abs().sum(0) / max(1, model.n_layers - 1)
+    cancellation = dropped.mean(-1).abs().sum(0) / max(1, model.n_layers - 1) if estimate == "atpstar" else None
     has_bar = estimate == "second-order" or (estimate == "ig" and steps % 2 == 0)
     return AblationResult(
         provenance=Provenance.of(model, command or command_line(), options.seed), metrics=names,
@@ -105,15 +111,17 @@ def attribute(
         n_texts=batch.n_texts, n_predictions=batch.n_scored, n_boot=options.n_boot,
         seconds=time.perf_counter() - started, sites=tuple(spec.sites for spec in specs),
         methods=(method,) * len(specs), effects=("total",) * len(specs), clean_loss=clean_loss,
-        estimate=method_label(estimate, steps), cancellation=cancellation,
+        estimate=method_label(estimate, steps, depth), cancellation=cancellation,
         error_bar=error.mean(-1).abs() if has_bar else None,
     )
 
 
 def _per_text(model: Model, batch: TokenBatch, chosen: list, writes: list, names: tuple[str, ...], method: str,
-              estimate: str, steps: int, options: EvalOptions, progress: Progress | None) -> tuple:
+              estimator: tuple[str, int, int], options: EvalOptions, progress: Progress | None) -> tuple:
     """Chunk by chunk of texts: (estimate, signed diagnostic) [unit, metric, text], GradDrop's
-    [layer, unit, metric, text] (zeros unless atpstar) and the clean loss [text]."""
+    [layer, unit, metric, text] (zeros unless atpstar) and the clean loss [text]; estimator: (name,
+    ig steps, local depth)."""
+    estimate, steps, depth = estimator
     chunk = min(options.batch_size, batch.n_texts)
     shape = (len(chosen), len(names), batch.n_texts)
     per_text, error = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
@@ -128,7 +136,10 @@ def _per_text(model: Model, batch: TokenBatch, chosen: list, writes: list, names
                      if method == "resample" else {})
         replacements = R.replacements(model, method, writes, means, donor)
         part = batch.rows(rows)
-        if estimate in ("ig", "second-order"):
+        if estimate == "local":
+            local = LocalChunk(model, part, chosen, names, replacements, depth)
+            per_text[:, :, rows], clean_loss[rows] = local.estimate(part.tokens, options.batch_size), local.clean_loss
+        elif estimate in ("ig", "second-order"):
             path = PathChunk(model, part, chosen, names, replacements)
             per_text[:, :, rows], error[:, :, rows] = _along_path(path, estimate, steps)
             clean_loss[rows] = path.clean_loss

@@ -33,7 +33,6 @@ import torch
 from jaxtyping import Float
 
 from streamlens import sites
-from streamlens.ablation import replace as R
 from streamlens.ablation.attribute.common import dot, leaf, per_text_metrics
 from streamlens.data import TokenBatch
 from streamlens.model import Model
