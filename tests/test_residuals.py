@@ -289,10 +289,11 @@ def test_reuse_ablation_is_zero_at_init_and_a_hand_written_stack_without_earlier
     far = sum(float(c.weights.detach()[:-1].abs().sum()) for c in model.stack.connections)
     near = sum(float(c.weights.detach()[-1].abs()) + 0.8 for c in model.stack.connections)
     assert share == pytest.approx(far / (far + near))
-    h = model.embed(bed.heldout_x)  # by hand: y = a_self (x + F(LN(x))) + a_own x, earlier states dropped
-    for c in model.stack.connections:
-        h = c.self_weight * (h + c.sublayer(_layer_norm(h, c.norm))) + c.weights[-1] * h
-    expected = float(bed.loss(model.readout(model.final_norm(h)).squeeze(-1), bed.heldout_y))
+    with torch.no_grad():  # by hand: y = a_self (x + F(LN(x))) + a_own x, earlier states dropped
+        h = model.embed(bed.heldout_x)
+        for c in model.stack.connections:
+            h = c.self_weight * (h + c.sublayer(_layer_norm(h, c.norm))) + c.weights[-1] * h
+        expected = float(bed.loss(model.readout(model.final_norm(h)).squeeze(-1), bed.heldout_y))
     assert loss == pytest.approx(expected, rel=1e-12) and loss != training.evaluate(model, bed)[0]
     assert all(torch.equal(b, c.weights) for b, c in zip(before, model.stack.connections))  # on a copy
     assert all(math.isnan(v) for v in lesion.reuse_ablation(training.build_model(bed, "pre_norm", 2, 0), bed))
