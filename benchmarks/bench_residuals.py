@@ -3,6 +3,7 @@ testbed at the depths of the claims (Transformer to 32 blocks, MLP to 100, CNN t
 
     python benchmarks/bench_residuals.py --grid full --save runs/residuals-full.safetensors
     python benchmarks/bench_residuals.py --grid reduced --testbeds lm     # what fits a shared 2-core machine
+    python benchmarks/bench_residuals.py --tables runs/lm32-*.safetensors  # one table from saved studies
 
 Prints the verdict table, then per testbed at its deepest depth: final held-out loss, first/last
 gradient ratio at init, activation memory and step time as a ratio to the pre-norm residual (the
@@ -37,8 +38,13 @@ def main() -> None:
     parser.add_argument("--no-lesions", action="store_true", help="skip the lesion test (a quarter of a deep lm run)")
     parser.add_argument("--eval-every", type=int, default=None, help="override the grid's eval_every")
     parser.add_argument("--workers", type=int, default=1, help="processes training runs side by side (one thread each)")
+    parser.add_argument("--tables", nargs="+", default=None, metavar="STUDY",
+                        help="print the per-variant tables of saved studies (one variant each is fine) and exit")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.tables:
+        tables(args.tables)
+        return
     from streamlens.highway.study import residual_study
     from streamlens.highway.verdicts import residual_verdicts
     from streamlens.results.residuals import ResidualConfig
@@ -68,6 +74,58 @@ def main() -> None:
     for testbed in config.testbeds:
         for depth in config.depths(testbed):
             report(study, testbed, depth)
+
+
+def unigram_loss() -> float:
+    """The char Transformer's first plateau: held-out cross-entropy of the training set's character
+    frequencies (what a model that ignores the context can reach), nats."""
+    import torch
+
+    from streamlens.highway.testbeds import load_testbed
+
+    bed = load_testbed("lm")
+    counts = torch.bincount(bed.train_y.flatten(), minlength=int(bed.heldout_y.max()) + 1).double() + 1
+    return float(-(counts / counts.sum()).log()[bed.heldout_y.flatten()].mean())
+
+
+def tables(paths: list[str]) -> None:
+    """Per testbed, depth and variant over all saved studies: final held-out loss with its 95% t interval
+    over seeds, accuracy, first/last gradient ratios at init (stream and parameters) per seed, the first
+    eval step past the unigram plateau (lm), activation memory relative to pre-norm, dense reuse."""
+    import torch
+
+    from streamlens.highway.verdicts import seed_interval
+    from streamlens.results.residuals import ResidualStudy
+
+    studies = [ResidualStudy.load(path) for path in paths]
+    plateau = unigram_loss() if any("lm" in study.testbeds for study in studies) else float("nan")
+    print(f"unigram plateau (lm held-out loss of the training character frequencies): {plateau:.3f} nats")
+    groups: dict[tuple, list] = {}
+    for study, r in ((s, r) for s in studies for r in range(len(s.run_testbed))):
+        key = (study.run_testbed[r], study.run_depth[r], study.run_variant[r], study.run_warmup[r])
+        groups.setdefault(key, []).append((study, r))
+    memory = {key: sum(float(s.saved_bytes[r]) for s, r in runs) / len(runs) for key, runs in groups.items()}
+    for (testbed, depth, variant, warmup), runs in sorted(groups.items()):
+        study = runs[0][0]
+        rows = [r for _, r in runs]
+        loss = torch.cat([s.heldout_loss[r, -1:] for s, r in runs])
+        mean, low, high = seed_interval(loss)
+        curve = torch.stack([s.heldout_loss[r] for s, r in runs]).mean(0)
+        past = [step for step, value in zip(study.eval_steps, curve.tolist()) if value < plateau - 0.1]
+        ratio = [float(s.first_to_last(0)[r]) for s, r in runs]
+        params = [float(s.first_to_last(0, parameters=True)[r]) for s, r in runs]
+        base = memory.get((testbed, depth, "residual" if testbed == "cnn" else "pre_norm", 0), float("nan"))
+        accuracy = sum(float(s.heldout_accuracy[r, -1]) for s, r in runs) / len(runs)
+        reuse = ([float(s.reuse_share[r]) for s, r in runs], [float(s.reuse_loss[r] - s.heldout_loss[r, -1]) for s, r in runs])
+        print(f"{testbed} d{depth} {variant}{f'+warmup{warmup}' if warmup else ''} ({len(rows)} seeds, "
+              f"{study.steps} steps): held-out loss {mean:.3f} [{low:.3f}, {high:.3f}], accuracy {accuracy:.3f}; "
+              f"first/last grad at init {', '.join(f'{v:.3g}' for v in ratio)}; parameters "
+              f"{', '.join(f'{v:.3g}' for v in params)}; memory x{memory[testbed, depth, variant, warmup] / base:.2f}"
+              + (f"; past the plateau from step {past[0]}" if testbed == "lm" and past else
+                 "; never past the plateau" if testbed == "lm" else "")
+              + (f"; reuse share {', '.join(f'{v:.3f}' for v in reuse[0])}, loss without it "
+                 f"+{', '.join(f'{v:.3f}' for v in reuse[1])}" if variant == "dense" else ""))
+        print(f"    held-out loss at steps {list(study.eval_steps)}: {[round(v, 3) for v in curve.tolist()]}")
 
 
 def cpu_seconds() -> float:
