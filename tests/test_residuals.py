@@ -453,7 +453,7 @@ def test_figures_and_page_come_from_the_result(tiny_study):
 
     deepest = plots.lesion_profile(tiny_study, "cnn")
     assert {trace.name for trace in deepest.data} == {"plain", "residual"}
-    assert len(plots.gradient_by_layer(tiny_study, "mlp").data) == 2 * 2 * 4  # depths x (init, trained) x variants
+    assert len(plots.gradient_by_layer(tiny_study, "mlp").data) == 2 * 2 * 5  # depths x (init, trained) x variants
     assert len(plots.loss_curves(tiny_study, "lm", 2).data) == 2 * 4
     with pytest.raises(ValueError, match="depth 7 was not run on lm"):
         plots.loss_curves(tiny_study, "lm", 7)
