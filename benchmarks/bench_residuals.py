@@ -40,8 +40,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes training runs side by side (one thread each)")
     parser.add_argument("--tables", nargs="+", default=None, metavar="STUDY",
                         help="print the per-variant tables of saved studies (one variant each is fine) and exit")
+    parser.add_argument("--at-init", action="store_true", help="only the first/last gradient ratios at init and the "
+                        "activation memory of every variant at the deepest lm depth (no training), then exit")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.at_init:
+        at_init(int((args.lm_depths or "32").split(",")[-1]), args.variants.split(","),
+                [int(seed) for seed in args.seeds.split(",")])
+        return
     if args.tables:
         tables(args.tables)
         return
@@ -74,6 +80,32 @@ def main() -> None:
     for testbed in config.testbeds:
         for depth in config.depths(testbed):
             report(study, testbed, depth)
+
+
+def at_init(depth: int, variants: list[str], seeds: list[int]) -> None:
+    """Per variant and seed on the char Transformer: first/last gradient ratio at init (stream and
+    parameters) on the mini-batch a training run measures at step 0, and the activation bytes; the
+    same numbers as `ResidualStudy.first_to_last(0)` without training the model."""
+    import torch
+
+    from streamlens.highway.testbeds import load_testbed
+    from streamlens.highway.training import (build_model, parameter_gradients, saved_activation_bytes,
+                                             stream_gradients)
+
+    torch.set_num_threads(1)
+    bed = load_testbed("lm")
+    for variant in variants:
+        stream, params, saved = [], [], []
+        for seed in seeds:
+            model = build_model(bed, variant, depth, seed)
+            first = torch.randint(0, len(bed.train_x), (bed.batch,), generator=torch.Generator().manual_seed(seed))
+            saved.append(saved_activation_bytes(model, bed, bed.train_x[first], bed.train_y[first]))
+            rows = torch.randint(0, len(bed.train_x), (bed.batch,), generator=torch.Generator().manual_seed(seed + 1))
+            _, norms = stream_gradients(model, bed, bed.train_x[rows], bed.train_y[rows])
+            blocks = parameter_gradients(model)
+            stream.append(float(norms[0] / norms[-1])), params.append(float(blocks[0] / blocks[-1]))
+        print(f"lm d{depth} {variant}: first/last grad at init {', '.join(f'{v:.3g}' for v in stream)}; parameters "
+              f"{', '.join(f'{v:.3g}' for v in params)}; activation bytes {sum(saved) / len(saved) / 1e6:.2f} MB", flush=True)
 
 
 def unigram_loss() -> float:
