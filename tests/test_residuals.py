@@ -246,7 +246,60 @@ def test_lesion_profile_is_evaluate_with_each_block_deleted():
     assert training.evaluate(model, bed, frozenset())[0] == training.evaluate(model, bed)[0]
 
 
-TINY = ResidualConfig(testbeds=("mlp", "lm", "cnn"), mlp_variants=("plain", "pre_norm", "highway", "concat"),
+@pytest.mark.parametrize(("variant", "bed_name"), [("post_norm", "mlp"), ("rezero", "mlp"), ("pre_norm", "lm")])
+def test_parameter_gradient_norms_agree_with_autograd_per_block(variant, bed_name):
+    bed = _tiny_testbed()
+    if bed_name == "lm":  # two connections per block: both must be counted in the block
+        model = testbeds.CharLM(variant, 3, vocab=7).double()
+        ids = torch.randint(0, 7, (2, 6), generator=torch.Generator().manual_seed(0))
+        bed = types.SimpleNamespace(loss=lambda out, target: F.cross_entropy(out.flatten(0, 1), target.flatten()))
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+    else:
+        model = training.build_model(bed, variant, 3, seed=0)
+        inputs, targets = bed.train_x, bed.train_y
+    model.zero_grad(set_to_none=True)
+    training.stream_gradients(model, bed, inputs, targets)
+    measured = training.parameter_gradients(model)
+    # by hand: autograd.grad of a fresh loss with respect to each block's parameters, named by prefix
+    loss = bed.loss(model(inputs), targets)
+    named = dict(model.named_parameters())
+    per = model.stack.per_block
+    for block in range(3):
+        prefixes = tuple(f"stack.connections.{block * per + k}." for k in range(per))
+        params = [p for name, p in named.items() if name.startswith(prefixes)]
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        expected = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+        torch.testing.assert_close(measured[block], expected.norm().double(), rtol=1e-10, atol=1e-300)
+    if variant == "rezero":  # at init only a's gradient is non-zero: F's weights are multiplied by a = 0
+        assert all(float(c.alpha.grad.abs()) == float(measured[i]) for i, c in enumerate(model.stack.connections))
+
+
+def test_reuse_ablation_is_zero_at_init_and_a_hand_written_stack_without_earlier_states():
+    bed = _tiny_testbed()
+    model = training.build_model(bed, "dense", 4, seed=0)
+    share, loss = lesion.reuse_ablation(model, bed)
+    assert share == 0 and loss == training.evaluate(model, bed)[0]  # a_j = 0 at init: nothing to remove
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for connection in model.stack.connections:
+            connection.weights.copy_(torch.randn(connection.weights.shape, generator=generator, dtype=D))
+            connection.self_weight.fill_(0.8)
+    before = [c.weights.clone() for c in model.stack.connections]
+    share, loss = lesion.reuse_ablation(model, bed)
+    far = sum(float(c.weights.detach()[:-1].abs().sum()) for c in model.stack.connections)
+    near = sum(float(c.weights.detach()[-1].abs()) + 0.8 for c in model.stack.connections)
+    assert share == pytest.approx(far / (far + near))
+    with torch.no_grad():  # by hand: y = a_self (x + F(LN(x))) + a_own x, earlier states dropped
+        h = model.embed(bed.heldout_x)
+        for c in model.stack.connections:
+            h = c.self_weight * (h + c.sublayer(_layer_norm(h, c.norm))) + c.weights[-1] * h
+        expected = float(bed.loss(model.readout(model.final_norm(h)).squeeze(-1), bed.heldout_y))
+    assert loss == pytest.approx(expected, rel=1e-12) and loss != training.evaluate(model, bed)[0]
+    assert all(torch.equal(b, c.weights) for b, c in zip(before, model.stack.connections))  # on a copy
+    assert all(math.isnan(v) for v in lesion.reuse_ablation(training.build_model(bed, "pre_norm", 2, 0), bed))
+
+
+TINY = ResidualConfig(testbeds=("mlp", "lm", "cnn"), mlp_variants=("plain", "pre_norm", "highway", "dense", "concat"),
                       lm_variants=("plain", "pre_norm", "post_norm", "rezero"), seeds=(0, 1), mlp_depths=(1, 2),
                       lm_depths=(1, 2), cnn_depths=(1, 2), steps=2, eval_every=1, warmup=2)
 
@@ -258,14 +311,15 @@ def tiny_study() -> ResidualStudy:
 
 def test_same_config_same_numbers_bit_for_bit_in_one_process_or_two(tiny_study):
     again = residual_study(ResidualConfig(**{**TINY.__dict__, "testbeds": ("mlp", "cnn")}), command="test", workers=2)
-    for field in ("train_loss", "heldout_loss", "heldout_accuracy", "grad_norm", "lesion_loss", "saved_bytes"):
+    for field in ("train_loss", "heldout_loss", "heldout_accuracy", "grad_norm", "param_grad_norm", "lesion_loss",
+                  "saved_bytes", "reuse_share", "reuse_loss"):
         first = getattr(tiny_study, field)[[r for r, t in enumerate(tiny_study.run_testbed) if t != "lm"]]
         assert torch.equal(first.nan_to_num(-1), getattr(again, field).nan_to_num(-1)), field
 
 
 def test_study_shapes_round_trip_and_table(tiny_study, tmp_path):
     runs = len(tiny_study.run_testbed)
-    assert runs == 2 * 2 * (4 + 4 + 2) + 2 * 2  # + pre/post-norm warm-up runs at the deepest lm depth
+    assert runs == 2 * 2 * (5 + 4 + 2) + 2 * 2  # + pre/post-norm warm-up runs at the deepest lm depth
     assert tiny_study.grad_norm.shape == (runs, 3, 2) and tiny_study.eval_steps == (0, 1, 2)
     first = tiny_study.runs("mlp", "plain", 1)
     assert torch.isnan(tiny_study.grad_norm[first, :, 1]).all() and not torch.isnan(tiny_study.grad_norm[first, :, 0]).any()
@@ -274,15 +328,26 @@ def test_study_shapes_round_trip_and_table(tiny_study, tmp_path):
     assert loaded.config == TINY and loaded.run_variant == tiny_study.run_variant
     assert torch.equal(loaded.lesion_loss.nan_to_num(-1), tiny_study.lesion_loss.nan_to_num(-1))
     table = loaded.to_dataframe()
-    assert set(table.measure) >= {"train_loss", "heldout_loss", "heldout_accuracy", "grad_norm", "lesion_loss",
-                                  "saved_bytes", "step_seconds"}
+    assert set(table.measure) >= {"train_loss", "heldout_loss", "heldout_accuracy", "grad_norm", "param_grad_norm",
+                                  "lesion_loss", "saved_bytes", "step_seconds", "reuse_share", "reuse_loss"}
+    dense = tiny_study.runs("mlp", "dense", 2)
+    assert not tiny_study.reuse_loss[dense].isnan().any() and tiny_study.reuse_loss[first].isnan().all()
 
 
 def test_every_verdict_row_is_decided_from_the_study(tiny_study):
     rows = verdicts.residual_verdicts(tiny_study)
-    assert len(rows) == 9
+    assert len(rows) == 11
     for row in rows:
         assert row.verdict in ("holds", "differs", "unclear") and row.ci_low <= row.value <= row.ci_high
+    by_claim = {row.claim: row for row in rows}
+    reuse = next(row for claim, row in by_claim.items() if claim.startswith("Dense connections reuse"))
+    runs = tiny_study.runs("mlp", "dense", 2)  # lm ran no dense variant: the toy MLP decides
+    loss = tiny_study.heldout_loss[runs]
+    assert reuse.value == pytest.approx(float(((tiny_study.reuse_loss[runs] - loss[:, -1]) / (loss[:, 0] - loss[:, -1])).mean()))
+    params = next(row for claim, row in by_claim.items() if claim.startswith("Pre-norm parameter"))
+    post, pre = (tiny_study.runs("lm", v, 2) for v in ("post_norm", "pre_norm"))
+    ratio = (tiny_study.param_grad_norm[:, 0, 0] / tiny_study.param_grad_norm[:, 0, 1]).log10().abs()
+    assert params.value == pytest.approx(float((ratio[post] - ratio[pre]).mean()))
 
 
 def test_seed_interval_is_the_student_t_interval_and_decides():
@@ -323,13 +388,55 @@ def test_cli_quick_run_writes_three_files(tmp_path):
 @pytest.mark.parametrize("options", [["--variants", "plain,resnet"], ["--mlp-depths", "0"], ["--mlp-depths", "abc"],
                                      ["--testbeds", "rnn"], ["--testbeds", ""], ["--steps", "0"], ["--seeds", "x"],
                                      ["--variants", "plain,,rezero"], ["--eval-every", "0"],
-                                     ["--workers", "0"]])
+                                     ["--workers", "0"], ["--seeds", "1,1"], ["--seeds", "0-2,1"],
+                                     ["--mlp-depths", "2,2"], ["--variants", "plain,plain"], ["--mlp-depths", "257"],
+                                     ["--mlp-depths", "1-100000"], ["--lm-depths", "-1"], ["--seeds", ""],
+                                     ["--steps", "-5"], ["--eval-every", "3"], ["--lm-variants", "gpt"],
+                                     ["--warmup", "-1"], ["--seeds", "4294967296"]])
 def test_cli_bad_options_exit_2_and_write_nothing(tmp_path, options):
     out = tmp_path / "residuals"
     run = CliRunner().invoke(app, ["residuals", *QUICK, "--out", str(out), *options])
     assert run.exit_code == 2, run.output
     assert "error:" in run.output and "Traceback" not in run.output and len(run.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_cli_repeated_seed_names_the_repeat(tmp_path):
+    run = CliRunner().invoke(app, ["residuals", *QUICK, "--out", str(tmp_path / "r"), "--seeds", "1,1"])
+    assert run.exit_code == 2 and "--seeds '1,1' repeats 1: give each seed once" in run.output
+
+
+def test_cli_interrupted_run_writes_nothing(tmp_path, monkeypatch):
+    import streamlens.highway.study as study_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study_module, "residual_study", interrupted)
+    run = CliRunner().invoke(app, ["residuals", *QUICK, "--out", str(tmp_path / "r")])
+    assert run.exit_code != 0 and not (tmp_path / "r").exists()
+
+
+def test_a_second_run_into_the_same_out_replaces_the_whole_set(tmp_path):
+    out = tmp_path / "r"
+    for seed, testbed_options in (("0", ["--mlp-depths", "1,2"]), ("1", ["--mlp-depths", "1"])):
+        run = CliRunner().invoke(app, ["residuals", *QUICK, *testbed_options, "--out", str(out), "--seeds", seed])
+        assert run.exit_code == 0, run.output
+    meta = json.loads((out / "residuals.json").read_text())
+    rows = (out / "residuals.csv").read_text().splitlines()[1:]
+    assert meta["settings"]["seeds"] == [1] and meta["settings"]["mlp_depths"] == [1]
+    assert {row.split(",")[3] for row in rows} == {"1"} and {row.split(",")[2] for row in rows} == {"1"}
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "residuals.csv", "residuals.html", "residuals.json"]
+
+
+def test_without_lesions_the_lesion_fields_are_nan_and_their_rows_are_left_out():
+    config = ResidualConfig(testbeds=("mlp",), mlp_variants=("pre_norm",), seeds=(0,), mlp_depths=(2,), steps=1,
+                            eval_every=1, lesions=False)
+    study = residual_study(config, command="test")
+    assert study.lesion_loss.isnan().all() and study.config == config and not study.heldout_loss.isnan().any()
+    assert not any("removed" in row.claim or "Deleting" in row.claim for row in verdicts.residual_verdicts(study))
+    with pytest.raises(ValueError, match="lesions 'yes' must be True or False"):
+        ResidualConfig(lesions="yes")
 
 
 def test_cli_unwritable_out_exits_2(tmp_path):
@@ -346,16 +453,16 @@ def test_figures_and_page_come_from_the_result(tiny_study):
 
     deepest = plots.lesion_profile(tiny_study, "cnn")
     assert {trace.name for trace in deepest.data} == {"plain", "residual"}
-    assert len(plots.gradient_by_layer(tiny_study, "mlp").data) == 2 * 2 * 4  # depths x (init, trained) x variants
+    assert len(plots.gradient_by_layer(tiny_study, "mlp").data) == 2 * 2 * 5  # depths x (init, trained) x variants
     assert len(plots.loss_curves(tiny_study, "lm", 2).data) == 2 * 4
     with pytest.raises(ValueError, match="depth 7 was not run on lm"):
         plots.loss_curves(tiny_study, "lm", 7)
     files = residuals_files(tiny_study, "test", 1.0)
     meta = json.loads(files["residuals.json"])  # strict JSON: no NaN
-    assert len(meta["verdicts"]) == 9 and meta["summary"]["cnn"]["residual"]["2"]["final_heldout_accuracy"]["per_seed"]
+    assert len(meta["verdicts"]) == 11 and meta["summary"]["cnn"]["residual"]["2"]["final_heldout_accuracy"]["per_seed"]
 
 
-# ----- hostile: two runs into one --out at once, an interrupt mid-run (real processes) ------------------------
+# ----- hostile: two runs into one --out at once (real processes; the interrupt is tested above) -----
 def _spawn_residuals(out, *args):
     """`streamlens residuals` (the quick settings) as its own process, SIGINT at its default (see below)."""
     import os
@@ -381,20 +488,3 @@ def test_cli_two_runs_into_one_out_at_once_leave_one_whole_set(tmp_path):
     meta = json.loads((out / "residuals.json").read_text())  # whole: parses, and names both variants
     assert set(meta["summary"]["mlp"]) == {"plain", "pre_norm"}
 
-
-def test_cli_interrupt_mid_run_writes_nothing_and_the_next_run_works(tmp_path):
-    import signal
-    import time
-
-    out = tmp_path / "residuals"
-    run = _spawn_residuals(out, "--steps", "100000")  # trains far longer than the test waits
-    text = ""
-    while "runs" not in text and run.poll() is None:  # the progress bar is up: training has started
-        text += run.stdout.read(1)
-    time.sleep(0.5)
-    run.send_signal(signal.SIGINT)
-    assert run.wait(timeout=120) != 0
-    assert not out.exists() or not list(out.iterdir())
-    again = CliRunner().invoke(app, ["residuals", *QUICK, "--out", str(out)])
-    assert again.exit_code == 0, again.output
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST, "residuals.csv", "residuals.html", "residuals.json"]

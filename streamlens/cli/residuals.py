@@ -15,7 +15,26 @@ def _names(option: str, text: str) -> tuple[str, ...]:
     names = tuple(part.strip() for part in text.split(","))
     if not text.strip() or any(not name for name in names):
         fail(f"{option} {text!r} not understood: give comma-separated names, e.g. plain,pre_norm")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        fail(f"{option} {text!r} repeats {', '.join(repeated)}: give each name once")
     return names
+
+
+def _numbers(option: str, text: str, what: str, low: int = 0, high: int | None = None) -> tuple[int, ...]:
+    """Numbers and ranges as `parse_ints` reads them, but a repeat is refused, not silently dropped
+    (`--seeds 1,1` would otherwise run one seed where the user asked for two runs)."""
+    numbers = [n for part in text.split(",") for n in (parse_ints(option, part) if part.strip() else [None])]
+    if None in numbers:
+        fail(f"{option} {text!r} not understood: give comma-separated numbers and ranges, e.g. 0-2 or 2,8")
+    repeated = sorted({n for n in numbers if numbers.count(n) > 1})
+    if repeated:
+        fail(f"{option} {text!r} repeats {', '.join(map(str, repeated))}: give each {what} once")
+    for number in numbers:
+        if number < low or (high is not None and number > high):
+            fail(f"{what} {number} in {option} {text!r} out of range: must be {low}-{high}" if high is not None
+                 else f"{what} {number} in {option} {text!r} out of range: must be >= {low}")
+    return tuple(numbers)
 
 
 @app.command()
@@ -45,14 +64,15 @@ def residuals(
     started = time.perf_counter()
     check_at_least(("--workers", workers, 1))
     try:
-        from streamlens.results.residuals import ResidualConfig
+        from streamlens.results.residuals import MAX_DEPTH, ResidualConfig
 
         config = ResidualConfig(
             testbeds=_names("--testbeds", testbeds), mlp_variants=_names("--variants", variants),
-            lm_variants=_names("--lm-variants", lm_variants), seeds=tuple(parse_ints("--seeds", seeds)),
-            mlp_depths=tuple(parse_ints("--mlp-depths", mlp_depths)),
-            lm_depths=tuple(parse_ints("--lm-depths", lm_depths)),
-            cnn_depths=tuple(parse_ints("--cnn-depths", cnn_depths)), steps=steps, eval_every=eval_every, warmup=warmup)
+            lm_variants=_names("--lm-variants", lm_variants), seeds=_numbers("--seeds", seeds, "seed"),
+            mlp_depths=_numbers("--mlp-depths", mlp_depths, "depth", 1, MAX_DEPTH),
+            lm_depths=_numbers("--lm-depths", lm_depths, "depth", 1, MAX_DEPTH),
+            cnn_depths=_numbers("--cnn-depths", cnn_depths, "depth", 1, MAX_DEPTH), steps=steps,
+            eval_every=eval_every, warmup=warmup)
         if "cnn" in config.testbeds:
             _need_sklearn()
     except ValueError as error:

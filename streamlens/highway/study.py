@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from streamlens.highway.lesion import lesion_profile
+from streamlens.highway.lesion import lesion_profile, reuse_ablation
 from streamlens.highway.testbeds import Testbed, load_testbed
 from streamlens.highway.toy import one_thread
 from streamlens.highway.training import build_model, train_run
@@ -45,15 +45,19 @@ def work(run: tuple[str, str, int, int, int], config: ResidualConfig) -> int:
 
 
 def measure_run(run: tuple[str, str, int, int, int], config: ResidualConfig, max_depth: int) -> dict[str, Any]:
-    """Train and measure one run on one thread: the `RunRecord` fields plus its lesion profile."""
+    """Train and measure one run on one thread: the `RunRecord` fields, its lesion profile and (dense
+    variant only, else NaN) the reuse of earlier states."""
     name, variant, depth, seed, warmup = run
     testbed = _testbed(name)
     with one_thread():
         model = build_model(testbed, variant, depth, seed)
         record = train_run(model, testbed, seed, config.steps, config.eval_steps, warmup)
-        lesion_loss, lesion_accuracy = lesion_profile(model, testbed, max_depth)
+        lesion_loss, lesion_accuracy = (lesion_profile(model, testbed, max_depth) if config.lesions else
+                                        (torch.full((max_depth,), float("nan"), dtype=torch.float64),) * 2)
+        reuse_share, reuse_loss = reuse_ablation(model, testbed)
     return {**{field: getattr(record, field) for field in record.__dataclass_fields__},
-            "lesion_loss": lesion_loss, "lesion_accuracy": lesion_accuracy}
+            "lesion_loss": lesion_loss, "lesion_accuracy": lesion_accuracy, "reuse_share": reuse_share,
+            "reuse_loss": reuse_loss}
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,10 +94,13 @@ def residual_study(config: ResidualConfig = ResidualConfig(),
     nan = lambda *shape: torch.full(shape, float("nan"), dtype=torch.float64)  # noqa: E731
     table = {"train_loss": nan(len(runs), config.steps + 1), "heldout_loss": nan(len(runs), n_eval),
              "heldout_accuracy": nan(len(runs), n_eval), "grad_norm": nan(len(runs), n_eval, max_depth),
+             "param_grad_norm": nan(len(runs), n_eval, max_depth), "reuse_share": nan(len(runs)),
+             "reuse_loss": nan(len(runs)),
              "lesion_loss": nan(len(runs), max_depth), "lesion_accuracy": nan(len(runs), max_depth),
              "saved_bytes": torch.zeros(len(runs), dtype=torch.float64), "step_seconds": nan(len(runs))}
     for r, measured in enumerate(_results(runs, config, max_depth, workers)):
-        table["grad_norm"][r, :, : runs[r][2]] = measured.pop("grad_norm")
+        for field in ("grad_norm", "param_grad_norm"):
+            table[field][r, :, : runs[r][2]] = measured.pop(field)
         for field, value in measured.items():
             table[field][r] = value
         if on_run is not None:

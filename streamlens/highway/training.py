@@ -2,7 +2,8 @@
 
 Adam (PyTorch defaults besides the testbed's learning rate), optional linear warm-up, mini-batches in
 an order fixed by the seed. Before update t the run records the mini-batch loss; at every eval step
-it also records the held-out loss (and accuracy) and the gradient norm at the input of every block.
+it also records the held-out loss (and accuracy), the gradient norm at the input of every block and
+the gradient norm of every block's parameters (Xiong et al. 2020 measure the latter).
 One step is also run under `saved_tensors_hooks` to count the activation memory the backward pass
 keeps. Everything is deterministic on one CPU thread, except the step times.
 """
@@ -22,12 +23,14 @@ from streamlens.highway.testbeds import Testbed
 @dataclass(frozen=True)
 class RunRecord:
     """What one run measured (E eval steps, depth blocks): train_loss [steps + 1], heldout_loss and
-    heldout_accuracy [E] (accuracy NaN without labels), grad_norm [E, depth], saved_bytes, step_seconds."""
+    heldout_accuracy [E] (accuracy NaN without labels), grad_norm and param_grad_norm [E, depth],
+    saved_bytes, step_seconds."""
 
     train_loss: torch.Tensor
     heldout_loss: torch.Tensor
     heldout_accuracy: torch.Tensor
     grad_norm: torch.Tensor
+    param_grad_norm: torch.Tensor
     saved_bytes: int
     step_seconds: float
 
@@ -51,6 +54,28 @@ def stream_gradients(model: nn.Module, testbed: Testbed, inputs: torch.Tensor,
         stream.retain_grad()
     loss.backward()
     return loss.detach(), torch.stack([stream.grad.norm() for stream in streams]).double()
+
+
+def block_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of each block, [depth]: a stack's connections grouped per block, or the CNN's blocks."""
+    if hasattr(model, "stack"):
+        stack = model.stack
+        return [nn.ModuleList(stack.connections[b * stack.per_block : (b + 1) * stack.per_block])
+                for b in range(stack.depth)]
+    return list(model.blocks)
+
+
+def parameter_gradients(model: nn.Module) -> torch.Tensor:
+    """||dloss/dtheta_b||: the norm of the `.grad` of all parameters of block b together, [depth] float64.
+
+    Read after a backward pass; a parameter without a gradient counts as zero. The identity:
+    sum_b norm_b^2 + (the same for parameters outside the blocks) = the squared norm of all `.grad`.
+    """
+    norms = []
+    for block in block_modules(model):
+        squares = [p.grad.double().pow(2).sum() for p in block.parameters() if p.grad is not None]
+        norms.append(torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64))
+    return torch.stack(norms)
 
 
 def saved_activation_bytes(model: nn.Module, testbed: Testbed, inputs: torch.Tensor, targets: torch.Tensor) -> int:
@@ -103,14 +128,14 @@ def train_run(model: nn.Module, testbed: Testbed, seed: int, steps: int, eval_st
     first = torch.randint(0, len(testbed.train_x), (testbed.batch,), generator=torch.Generator().manual_seed(seed))
     # on a copy: the extra forward would move batch-norm running statistics
     saved = saved_activation_bytes(copy.deepcopy(model), testbed, testbed.train_x[first], testbed.train_y[first])
-    losses, heldout, accuracy, grads, seconds, timed = [], [], [], [], 0.0, 0
+    losses, heldout, accuracy, grads, param_grads, seconds, timed = [], [], [], [], [], 0.0, 0
     for step in range(steps + 1):
         rows = torch.randint(0, len(testbed.train_x), (testbed.batch,), generator=order)
         started = time.perf_counter()
         optimiser.zero_grad(set_to_none=True)
         if step in eval_steps:
             loss, grad_norm = stream_gradients(model, testbed, testbed.train_x[rows], testbed.train_y[rows])
-            grads.append(grad_norm)
+            grads.append(grad_norm), param_grads.append(parameter_gradients(model))
             heldout_loss, heldout_accuracy = evaluate(model, testbed)
             heldout.append(heldout_loss), accuracy.append(heldout_accuracy)
         else:
@@ -125,4 +150,5 @@ def train_run(model: nn.Module, testbed: Testbed, seed: int, steps: int, eval_st
             if step not in eval_steps:  # time plain training steps only, not the measurements
                 seconds, timed = seconds + time.perf_counter() - started, timed + 1
     return RunRecord(torch.tensor(losses, dtype=torch.float64), torch.tensor(heldout, dtype=torch.float64),
-                     torch.tensor(accuracy, dtype=torch.float64), torch.stack(grads), saved, seconds / max(1, timed))
+                     torch.tensor(accuracy, dtype=torch.float64), torch.stack(grads), torch.stack(param_grads), saved,
+                     seconds / max(1, timed))

@@ -34,6 +34,10 @@ PAPERS = {
                     "the post-LN Transformer needs learning-rate warm-up; without it training is worse.",
     "xiong_grads": "Xiong et al. 2020: at init the post-LN Transformer's gradients depend strongly on the layer "
                    "(large near the output); pre-LN gradients are well behaved across layers.",
+    "xiong_params": "Xiong et al. 2020, Fig. 3: at init the gradient norm of the post-LN Transformer's parameters "
+                    "(FFN weights) grows with the layer index; the pre-LN one stays the same across layers.",
+    "reuse": "Design notes; Huang et al. 2017 (DenseNet): dense connections give maximal feature reuse; "
+             "Pagliardini et al. 2024 (DenseFormer): the learnt weights on earlier blocks are far from zero.",
     "dense": "Design notes; Huang et al. 2017 (DenseNet): dense connections give maximal feature reuse but "
              "cost memory (concatenated inputs grow with depth); Pagliardini et al. 2024 (DenseFormer) keep "
              "the width fixed with weighted sums.",
@@ -41,6 +45,9 @@ PAPERS = {
                     "to train than plain residual connections.",
     "little": "Design notes: a residual network loses little when one layer is removed.",
 }
+
+
+TESTBED_LABELS = {"mlp": "toy MLP", "lm": "char Transformer", "cnn": "digits CNN"}
 
 
 def seed_interval(values: torch.Tensor) -> tuple[float, float, float]:
@@ -81,8 +88,8 @@ def _have(study: ResidualStudy, *keys: tuple) -> bool:
 def residual_verdicts(study: ResidualStudy) -> tuple[Verdict, ...]:
     """The verdict rows that the study's runs can decide (see `PAPERS` for the claims)."""
     rows = []
-    for make in (_degradation, _lesions, _highway_trains, _rezero, _warmup, _pre_norm_grads, _dense_memory,
-                 _highway_harder, _loses_little):
+    for make in (_degradation, _lesions, _highway_trains, _rezero, _warmup, _pre_norm_grads, _pre_norm_params,
+                 _dense_memory, _dense_reuse, _highway_harder, _loses_little):
         row = make(study)
         if row is not None:
             rows.append(row)
@@ -102,7 +109,7 @@ def _degradation(study: ResidualStudy) -> Verdict | None:
 
 
 def _lesions(study: ResidualStudy) -> Verdict | None:
-    if "cnn" not in study.testbeds:
+    if "cnn" not in study.testbeds or not study.lesions:
         return None
     deep = max(study.cnn_depths)
     drop = {}
@@ -164,16 +171,41 @@ def _warmup(study: ResidualStudy) -> Verdict | None:
                 f"{study.warmup} steps of linear warm-up", gain["post_norm"], "nats", "xiong_warmup", extra)
 
 
-def _pre_norm_grads(study: ResidualStudy) -> Verdict | None:
+def _pre_norm_grads(study: ResidualStudy, parameters: bool = False) -> Verdict | None:
     deep = max(study.lm_depths) if "lm" in study.testbeds else 0
     if not _have(study, ("lm", "post_norm", deep), ("lm", "pre_norm", deep)):
         return None
-    ratio = study.first_to_last(0).log10().abs()
+    ratio = study.first_to_last(0, parameters).log10().abs()
     post, pre = (ratio[study.runs("lm", v, deep)] for v in ("post_norm", "pre_norm"))
-    return _row("Pre-norm gradients are better behaved across layers than post-norm ones at init",
-                f"char Transformer, {deep} blocks, at init: |log10(grad norm at block 0 / at the last block)|, "
-                f"post-norm minus pre-norm", post - pre, "decades", "xiong_grads",
+    what = ("parameter gradient norm of block 0 / of the last block (all its weights)" if parameters
+            else "grad norm at block 0 / at the last block")
+    return _row("Pre-norm " + ("parameter " if parameters else "") + "gradients are better behaved across "
+                "layers than post-norm ones at init",
+                f"char Transformer, {deep} blocks, at init: |log10({what})|, post-norm minus pre-norm",
+                post - pre, "decades", "xiong_params" if parameters else "xiong_grads",
                 f"post-norm {float(post.mean()):.3f}, pre-norm {float(pre.mean()):.3f}")
+
+
+def _pre_norm_params(study: ResidualStudy) -> Verdict | None:
+    return _pre_norm_grads(study, parameters=True)
+
+
+def _dense_reuse(study: ResidualStudy) -> Verdict | None:
+    """On the Transformer when it ran the dense variant at its deepest depth, else on the toy MLP."""
+    for testbed in ("lm", "mlp"):
+        deep = max(study.config.depths(testbed)) if testbed in study.testbeds else 0
+        runs = study.runs(testbed, "dense", deep)
+        if runs:
+            trained = study.heldout_loss[runs, -1]
+            share = (study.reuse_loss[runs] - trained) / (study.heldout_loss[runs, 0] - trained)
+            weight, low, high = seed_interval(study.reuse_share[runs])
+            return _row("Dense connections reuse earlier features: the non-adjacent inputs carry real weight",
+                        f"{TESTBED_LABELS[testbed]}, DenseFormer, {deep} blocks, trained: held-out loss increase when "
+                        f"the learnt weights on non-adjacent earlier states are set to 0, as a share of what "
+                        f"training gained; 'reuse matters' = above 0.1", share, "of the gain", "reuse",
+                        f"share of |weight| on non-adjacent states {weight:.3f} [{low:.3f}, {high:.3f}]",
+                        threshold=0.1)
+    return None
 
 
 def _dense_memory(study: ResidualStudy) -> Verdict | None:
@@ -202,7 +234,7 @@ def _highway_harder(study: ResidualStudy) -> Verdict | None:
 
 def _loses_little(study: ResidualStudy) -> Verdict | None:
     deep = max(study.lm_depths) if "lm" in study.testbeds else 0
-    if not _have(study, ("lm", "pre_norm", deep)):
+    if not study.lesions or not _have(study, ("lm", "pre_norm", deep)):
         return None
     share = {}
     for variant in ("pre_norm", "plain"):

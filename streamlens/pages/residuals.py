@@ -28,7 +28,7 @@ def json_safe(value: Any) -> Any:
 
 def summary(study: ResidualStudy) -> dict[str, Any]:
     """Headline numbers per testbed, variant and depth (means over seeds), JSON-ready."""
-    at_init, trained = study.first_to_last(0), study.first_to_last(-1)
+    at_init, trained, params = study.first_to_last(0), study.first_to_last(-1), study.first_to_last(0, parameters=True)
     damage = study.lesion_damage().nanmean(-1)
     out: dict[str, Any] = {}
     for r in range(len(study.run_testbed)):
@@ -38,8 +38,12 @@ def summary(study: ResidualStudy) -> dict[str, Any]:
                   "final_train_loss": float(study.train_loss[r, -max(1, (study.steps + 1) // 10):].mean()),
                   "first_to_last_grad_ratio_at_init": float(at_init[r]),
                   "first_to_last_grad_ratio_trained": float(trained[r]),
+                  "first_to_last_param_grad_ratio_at_init": float(params[r]),
                   "mean_lesion_loss_increase": float(damage[r]),
                   "saved_bytes": float(study.saved_bytes[r]), "step_seconds": float(study.step_seconds[r])}
+        if study.run_variant[r] == "dense":
+            values["reuse_share"] = float(study.reuse_share[r])
+            values["reuse_loss_increase"] = float(study.reuse_loss[r] - study.heldout_loss[r, -1])
         if study.run_testbed[r] != "mlp":
             values["final_heldout_accuracy"] = float(study.heldout_accuracy[r, -1])
         for name, value in values.items():

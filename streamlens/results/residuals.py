@@ -7,6 +7,7 @@ variant and testbed names live here too, so that the settings can be validated b
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,8 @@ class ResidualConfig:
 
     `warmup`: steps of linear learning-rate warm-up for the extra post-norm (and pre-norm) runs at the
     deepest `lm` depth that test Xiong et al. 2020; every other run has none. 0 skips those runs.
+    `lesions`: run the lesion test after training (one held-out pass per block); False leaves it NaN
+    (the benchmark's deep runs, where it would be a quarter of the cost).
     """
 
     testbeds: tuple[str, ...] = TESTBEDS
@@ -57,6 +60,7 @@ class ResidualConfig:
     steps: int = 80
     eval_every: int = 20
     warmup: int = 16
+    lesions: bool = True
 
     def __post_init__(self) -> None:
         for name, what in (("testbeds", "testbed"), ("mlp_variants", "variant"), ("lm_variants", "variant"),
@@ -77,6 +81,8 @@ class ResidualConfig:
         _whole("steps", self.steps, 1, 1_000_000)
         _whole("eval_every", self.eval_every, 1, self.steps)
         _whole("warmup", self.warmup, 0, 1_000_000)
+        if not isinstance(self.lesions, bool):
+            raise ValueError(f"lesions {self.lesions!r} must be True or False")
 
     def depths(self, testbed: str) -> tuple[int, ...]:
         return getattr(self, f"{testbed}_depths")
@@ -101,9 +107,12 @@ class ResidualStudy(Result):
     train_loss [R, steps + 1]: mini-batch loss before update t (row t = steps: after training);
     heldout_loss, heldout_accuracy [R, E]: on the held-out set at each eval step;
     grad_norm [R, E, L]: ||dloss/dh_b|| at the input of block b on the mini-batch at each eval step;
+    param_grad_norm [R, E, L]: ||dloss/dtheta_b|| of all parameters of block b, same batch and steps;
     lesion_loss, lesion_accuracy [R, L]: held-out loss / accuracy after training with block b deleted;
     saved_bytes [R]: bytes of distinct activation tensors saved for the backward pass of one training
-    step (parameters excluded); step_seconds [R]: mean wall time of a training step (not reproducible).
+    step (parameters excluded); step_seconds [R]: mean wall time of a training step (not reproducible);
+    reuse_share, reuse_loss [R] (dense variant only, else NaN): the share of the trained DenseFormer
+    weights on non-adjacent earlier states, and the held-out loss with those weights set to 0.
     """
 
     provenance: Provenance
@@ -117,6 +126,7 @@ class ResidualStudy(Result):
     steps: int
     eval_every: int
     warmup: int
+    lesions: bool
     run_testbed: tuple[str, ...]
     run_variant: tuple[str, ...]
     run_depth: tuple[int, ...]
@@ -126,10 +136,13 @@ class ResidualStudy(Result):
     heldout_loss: torch.Tensor
     heldout_accuracy: torch.Tensor
     grad_norm: torch.Tensor
+    param_grad_norm: torch.Tensor
     lesion_loss: torch.Tensor
     lesion_accuracy: torch.Tensor
     saved_bytes: torch.Tensor
     step_seconds: torch.Tensor
+    reuse_share: torch.Tensor
+    reuse_loss: torch.Tensor
     seconds: float
 
     @property
@@ -146,11 +159,13 @@ class ResidualStudy(Result):
                 if (self.run_testbed[r], self.run_variant[r], self.run_depth[r], self.run_warmup[r])
                 == (testbed, variant, depth, warmup)]
 
-    def first_to_last(self, eval_index: int = 0) -> torch.Tensor:
-        """||grad at block 0|| / ||grad at the last block|| at eval step `eval_index` (0: init), [R]."""
+    def first_to_last(self, eval_index: int = 0, parameters: bool = False) -> torch.Tensor:
+        """||grad at block 0|| / ||grad at the last block|| at eval step `eval_index` (0: init), [R];
+        of the stream entering the block (`grad_norm`), or with `parameters` of its parameters."""
+        norms = self.param_grad_norm if parameters else self.grad_norm
         rows = torch.arange(len(self.run_depth))
         last = torch.tensor(self.run_depth) - 1
-        return self.grad_norm[rows, eval_index, 0] / self.grad_norm[rows, eval_index, last]
+        return norms[rows, eval_index, 0] / norms[rows, eval_index, last]
 
     def lesion_damage(self) -> torch.Tensor:
         """Held-out loss with block b deleted minus the trained model's held-out loss, [R, L]."""
@@ -172,11 +187,13 @@ class ResidualStudy(Result):
                 if not torch.isnan(self.heldout_accuracy[r, e]):
                     rows.append({**base, "step": step, "layer": None, "measure": "heldout_accuracy",
                                  "value": float(self.heldout_accuracy[r, e])})
-                rows += [{**base, "step": step, "layer": b, "measure": "grad_norm", "value": v}
-                         for b, v in enumerate(self.grad_norm[r, e, :depth].tolist())]
+                rows += [{**base, "step": step, "layer": b, "measure": measure, "value": v}
+                         for measure in ("grad_norm", "param_grad_norm")
+                         for b, v in enumerate(getattr(self, measure)[r, e, :depth].tolist())]
             for measure in ("lesion_loss", "lesion_accuracy"):
                 rows += [{**base, "step": self.steps, "layer": b, "measure": measure, "value": v}
                          for b, v in enumerate(getattr(self, measure)[r, :depth].tolist()) if v == v]
             rows += [{**base, "step": 0, "layer": None, "measure": m, "value": float(getattr(self, m)[r])}
-                     for m in ("saved_bytes", "step_seconds")]
+                     for m in ("saved_bytes", "step_seconds", "reuse_share", "reuse_loss")
+                     if not math.isnan(float(getattr(self, m)[r]))]
         return frame(rows)
