@@ -300,6 +300,23 @@ def test_cumulative_order_and_greedy(tiny, windows):
             ).abs().max() < TOL
 
 
+def test_cumulative_steps_and_budget_cut_the_full_run(tiny, windows):
+    """`steps` keeps the first steps of the full run (greedy never looks ahead); `budget` keeps up to
+    and including the first step whose mean damage passes it; a bad `steps` is refused by name."""
+    units = A.units(tiny, "attn") + A.units(tiny, "mlp")
+    for mode in ("order", "greedy"):
+        full = A.cumulative(tiny, windows, units, mode=mode, n_boot=40)
+        cut = A.cumulative(tiny, windows, units, mode=mode, n_boot=40, steps=3)
+        assert cut.units == full.units[:3] and torch.equal(cut.per_text, full.per_text[:3])
+        means = full.per_text[:, 0].mean(-1)  # loss increase after each step
+        budget = float(means[1]) - 1e-12  # step 1 passes it (or step 0 already does): cut there
+        over = int((means > budget).nonzero()[0])
+        assert A.cumulative(tiny, windows, units, mode=mode, n_boot=40, budget=budget).units == full.units[: over + 1]
+    for bad in (0, len(units) + 1, 1.5, True):
+        with pytest.raises(ValueError, match=f"steps {bad!r} must be a whole number"):
+            A.cumulative(tiny, windows, units, steps=bad)
+
+
 def test_result_round_trip_and_tidy_frame(tiny, windows, tmp_path):
     result = A.sweep(tiny, windows, "head", method="resample", layers=[1], heads=[0, 3], n_boot=50, command="test")
     assert result.units == ("L1H0", "L1H3") and result.heads == (0, 3) and result.layers == (1, 1)

@@ -162,19 +162,26 @@ def test_strategies_choose_what_their_definitions_say(qwen):
     assert span == tuple(range(distance.index(min(distance)), distance.index(min(distance)) + 3))
 
 
-def test_greedy_is_the_engines_cumulative_greedy_removal_cut_at_k(qwen):
-    """greedy_blocks chooses what ablation.cumulative(mode="greedy") chooses in its first k steps (same order,
-    same damage), and a budget cuts the order after the first step whose damage passes it."""
+def test_greedy_equals_a_plain_loop_of_full_removals_cut_at_k(qwen):
+    """greedy_blocks (the engine's greedy removal, each candidate restarted from the removed blocks' stream)
+    chooses what a plain loop of full forwards chooses (same order, same damage), its k steps are the
+    first k of the full greedy run, and a budget cuts after the first step whose damage passes it."""
     from streamlens.prune.choose import greedy_blocks
 
     batch, _ = _batches()
     options = A.EvalOptions(metrics=("loss_increase",), n_boot=40)
-    engine = A.cumulative(qwen, batch, [Site("block", layer) for layer in range(qwen.n_layers)], mode="greedy",
-                          options=options)
-    damage = [float(value) for value in engine.values[:4, 0]]
+    removed, damage, remaining = [], [], [Site("block", layer) for layer in range(qwen.n_layers)]
+    for _ in range(4):  # the reference: every candidate evaluated as a whole removal from the clean model
+        result = A.evaluate(qwen, batch, [A.Ablation((*removed, site)) for site in remaining], options)
+        best = int(torch.argmin(result.values[:, 0]))
+        removed.append(remaining.pop(best))
+        damage.append(float(result.values[best, 0]))
     order, measured = greedy_blocks(qwen, batch, 4, options)
-    assert order == [site.layer for site in engine.sites[:4]]
+    assert order == [site.layer for site in removed]
     assert measured == pytest.approx(damage, abs=1e-10)
+    full = A.cumulative(qwen, batch, [Site("block", layer) for layer in range(qwen.n_layers)], mode="greedy",
+                        options=options)
+    assert [site.layer for site in full.sites[:4]] == order
     cut = max(damage[:2]) + 1e-9  # a budget the first two steps keep: the first step over it is kept, then stop
     over = next((step for step, value in enumerate(damage) if value > cut), 3)
     assert greedy_blocks(qwen, batch, 4, options, budget=cut)[0] == order[: over + 1] and over >= 2

@@ -110,6 +110,8 @@ def cumulative(
     effect: str = "total",
     options: EvalOptions | None = None,
     *,
+    steps: int | None = None,
+    budget: float | None = None,
     progress: Progress | None = None,
     command: str | None = None,
     backend: Backend | None = None,
@@ -125,6 +127,10 @@ def cumulative(
             damage on the first metric is removed next (U(U+1)/2 evaluations for U units; each
             candidate's forward restarts at its own layer from the stream of the units already
             removed, computed once per step).
+        steps: stop after this many removals (None: every unit). Greedy's first `steps` steps are
+            those of the full run: a step never looks ahead.
+        budget: stop after the first step whose mean damage on the first metric passes this many
+            units of it (that step is kept, so the caller sees where the budget broke).
 
     Returns:
         `CumulativeAblation`: step k (1-based) has the first k units of `units` removed.
@@ -133,12 +139,15 @@ def cumulative(
         raise ValueError(f"unknown cumulative mode {mode!r}: choose from {', '.join(CUMULATIVE_MODES)}")
     if not order:
         raise ValueError("cumulative removal needs at least one unit")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= len(order)):
+        raise ValueError(f"steps {steps!r} must be a whole number from 1 to the {len(order)} units")
     options = EvalOptions.of(options, **changes)
     started = time.perf_counter()
     engine = Engine.of(model, batch, options)
     check_bootstrap_memory(options.n_boot, len(order) * len(engine.metrics), batch.n_texts)  # before any work
     with options.torch_threads():
-        removed, per_text = _remove_one_after_another(engine, list(order), mode, method, effect, progress, backend)
+        removed, per_text = _remove_one_after_another(engine, list(order), mode, method, effect, progress, backend,
+                                                      steps or len(order), budget)
     return CumulativeAblation(
         **_summary(model, batch, engine, options, per_text, command, started, backend),
         mode=mode, sites=tuple(removed), method=method, effect=effect,
@@ -146,13 +155,16 @@ def cumulative(
 
 
 def _remove_one_after_another(engine: Engine, order: list[Site], mode: str, method: str, effect: str,
-                              progress: Progress | None, backend: Backend | None) -> tuple[list[Site], torch.Tensor]:
+                              progress: Progress | None, backend: Backend | None, steps: int,
+                              budget: float | None) -> tuple[list[Site], torch.Tensor]:
     """The removal order and per-text metrics after each step [step, metric, text]."""
     if mode == "order":
-        specs = [Ablation(tuple(order[: k + 1]), method, effect) for k in range(len(order))]
-        return order, run(engine, specs, progress, backend)
-    remaining, removed, steps = list(order), [], []
-    while remaining:
+        specs = [Ablation(tuple(order[: k + 1]), method, effect) for k in range(steps)]
+        per_text = run(engine, specs, progress, backend)
+        kept = _within_budget(engine, per_text, budget)
+        return order[:kept], per_text[:kept]
+    remaining, removed, done = list(order), [], []
+    while remaining and len(removed) < steps:
         if removed and effect == "total":  # restart each candidate from the stream of the removed units
             base = Ablation(tuple(removed), method, effect)
             specs = [Added(base, site) for site in remaining]
@@ -162,8 +174,18 @@ def _remove_one_after_another(engine: Engine, order: list[Site], mode: str, meth
         damage = M.damage(engine.metrics[0], per_text[:, 0].mean(-1))
         best = int(torch.argmin(damage))
         removed.append(remaining.pop(best))
-        steps.append(per_text[best])
-    return removed, torch.stack(steps)
+        done.append(per_text[best])
+        if budget is not None and float(damage[best]) > budget:
+            break
+    return removed, torch.stack(done)
+
+
+def _within_budget(engine: Engine, per_text: torch.Tensor, budget: float | None) -> int:
+    """How many steps [step, metric, text] to keep: up to and including the first past the budget."""
+    if budget is None:
+        return per_text.shape[0]
+    over = (M.damage(engine.metrics[0], per_text[:, 0].mean(-1)) > budget).nonzero()
+    return int(over[0]) + 1 if len(over) else per_text.shape[0]
 
 
 def _summary(model: Model, batch: TokenBatch, engine: Engine, options: EvalOptions, per_text: torch.Tensor,

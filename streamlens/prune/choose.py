@@ -49,26 +49,17 @@ def greedy_blocks(model: Model, batch: TokenBatch, k_max: int, options: A.EvalOp
                   budget: float | None = None, progress: Progress | None = None) -> tuple[list[int], list[float]]:
     """Measured greedy removal of up to `k_max` blocks: (removal order, mean loss increase after each step).
 
-    Each step evaluates every remaining block added to those already removed (L - step evaluations)
-    and keeps the least damaging: the first `k_max` steps of `ablation.cumulative(mode="greedy")` over
-    every block (tested equal). The engine's function runs all L steps (L(L+1)/2 evaluations: 465
-    for SmolLM2 against 87 for the default k = 3), so this loop stays until it can stop at k_max.
-    With `budget` (nats) it stops after the first step whose damage passes the budget (that step is
-    kept, so `PruneChoice.k_budget` can see it).
+    The first `k_max` steps of `ablation.cumulative(mode="greedy")` over every block: each step
+    evaluates every remaining block added to those already removed (L - step evaluations, each
+    restarted from the stream of the removed blocks) and keeps the least damaging. With `budget`
+    (nats) it stops after the first step whose damage passes the budget (that step is kept, so
+    `PruneChoice.k_budget` can see it).
     """
     options = A.EvalOptions.of(options, metrics=("loss_increase",), n_boot=A.MIN_BOOTSTRAP)  # only the means are used
-    removed: list[Site] = []
-    damage: list[float] = []
-    remaining = [Site("block", layer) for layer in range(model.n_layers)]
-    for _ in range(k_max):
-        specs = [A.Ablation((*removed, site)) for site in remaining]
-        result = A.evaluate(model, batch, specs, options, progress=progress, command="greedy")
-        best = int(torch.argmin(result.values[:, 0]))
-        removed.append(remaining.pop(best))
-        damage.append(float(result.values[best, 0]))
-        if budget is not None and damage[-1] > budget:
-            break
-    return [site.layer for site in removed], damage
+    blocks = [Site("block", layer) for layer in range(model.n_layers)]
+    curve = A.cumulative(model, batch, blocks, mode="greedy", options=options, steps=k_max, budget=budget,
+                         progress=progress, command="greedy")
+    return [site.layer for site in curve.sites], [float(value) for value in curve.values[:, 0]]
 
 
 def greedy_evaluations(n_layers: int, k_max: int) -> int:
