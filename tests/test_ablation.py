@@ -367,7 +367,8 @@ def test_smollm2_fast_engine_matches_full_hooked_forwards(smol):
     result = A.sweep(smol, batch, "block", layers=layers, n_boot=40)
     for index, layer in enumerate(layers):
         expected = reference_per_text(smol, batch, A.Ablation((Site("block", layer),)))
-        assert (result.per_text[index] - expected).abs().max() < 1e-4
+        # float32: the two paths sum in different orders; metrics of ~9 nats agree to ~2e-5 relative
+        torch.testing.assert_close(result.per_text[index], expected.to(result.per_text.dtype), rtol=1e-4, atol=1e-5)
 
 
 def test_figures_follow_the_result_for_any_number_of_units(tiny, windows):
