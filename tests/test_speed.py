@@ -70,3 +70,72 @@ def test_identity_read_out_ranks_and_cosines_match_a_direct_count(tiny):
             assert abs(float(log_rank[stage]) - sum(expected_ranks) / len(labels)) < 1e-12
             assert abs(float(cosine[stage]) - sum(expected_cosines) / len(labels)) < 1e-12
     assert float(log_rank[0]) != float(log_rank[-1])  # the ranks change with depth: the comparison can fail
+
+
+def _reference_lens(model, tokens: torch.Tensor, steps: int, lr: float, batch_tokens: int, seed: int):
+    """The tuned lens trained plainly: one [stage, d, d] leaf, one stage's graph and backward at a time."""
+    from streamlens.tunedlens.train import stage_streams
+
+    streams, final = stage_streams(model, tokens)
+    n_stages, n_tokens, d_model = streams.shape
+    weight = torch.zeros(n_stages, d_model, d_model, dtype=streams.dtype, requires_grad=True)
+    bias = torch.zeros(n_stages, d_model, dtype=streams.dtype, requires_grad=True)
+    optimiser = torch.optim.Adam([weight, bias], lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    order, cursor, losses = torch.randperm(n_tokens, generator=generator), 0, []
+    for _ in range(steps):
+        if cursor + batch_tokens > n_tokens:
+            order, cursor = torch.randperm(n_tokens, generator=generator), 0
+        chosen = order[cursor: cursor + batch_tokens]
+        cursor += batch_tokens
+        with torch.no_grad():
+            final_logprobs = model.final_logits(final[chosen]).log_softmax(-1)
+        optimiser.zero_grad(set_to_none=False)
+        total = 0.0
+        for stage in range(n_stages):
+            stream = streams[stage, chosen]
+            lens_logprobs = model.final_logits(stream + stream @ weight[stage] + bias[stage]).log_softmax(-1)
+            loss = (final_logprobs.exp() * (final_logprobs - lens_logprobs)).sum(-1).mean()
+            loss.backward()
+            total += float(loss.detach())
+        optimiser.step()
+        losses.append(total)
+    return weight.detach(), bias.detach(), torch.tensor(losses, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("rows_per_pass", [10, 256])
+def test_tuned_lens_training_equals_the_stage_by_stage_loop_bit_for_bit(tiny, monkeypatch, rows_per_pass):
+    from streamlens.tunedlens import train
+
+    monkeypatch.setattr(train, "ROWS_PER_PASS", rows_per_pass)  # 10: 2 stages of 5 tokens per graph, 2 graphs
+    tokens = torch.randint(3, tiny.info.d_vocab, (3, 8), generator=torch.Generator().manual_seed(4))
+    lens = train.train_tuned_lens(tiny, tokens, steps=4, lr=1e-2, batch_tokens=5, seed=1)
+    weight, bias, losses = _reference_lens(tiny, tokens, steps=4, lr=1e-2, batch_tokens=5, seed=1)
+    assert torch.equal(lens.weight, weight) and torch.equal(lens.bias, bias) and torch.equal(lens.train_loss, losses)
+    assert weight.abs().max() > 0  # the lens moved: the comparison can fail
+
+
+@pytest.mark.parametrize("rows_per_pass", [16, 256])
+def test_lens_comparison_equals_a_stage_by_stage_read(tiny, monkeypatch, rows_per_pass):
+    """KL and rank of both lenses, every stage and window, against one read per stage (torch.equal)."""
+    from streamlens.recording import record
+    from streamlens.tunedlens import compare_lenses, train, train_tuned_lens
+
+    tokens = torch.randint(3, tiny.info.d_vocab, (2, 8), generator=torch.Generator().manual_seed(5))
+    lens = train_tuned_lens(tiny, tokens, steps=3, lr=1e-2, batch_tokens=6)
+    monkeypatch.setattr(train, "ROWS_PER_PASS", rows_per_pass)  # 16: 2 stages of 8 positions per matmul
+    comparison = compare_lenses(tiny, tokens, lens)
+    with torch.inference_mode():
+        for window in range(2):
+            writes = record(tiny, tokens[window: window + 1])
+            final = writes.logits[0].log_softmax(-1)
+            top = final.argmax(-1, keepdim=True)
+            for stage in range(tiny.n_layers + 1):
+                stream = writes.final[0] if stage == tiny.n_layers else writes.stream(stage - 1 if stage else None)[0]
+                for index, read in enumerate((stream, lens.translate(stage, stream))):
+                    logprobs = tiny.final_logits(read).log_softmax(-1)
+                    kl = (final.exp() * (final - logprobs)).sum(-1).double()
+                    rank = (logprobs > logprobs.gather(-1, top)).sum(-1).double()
+                    assert torch.equal(comparison.kl[index, stage, window], kl)
+                    assert torch.equal(comparison.rank[index, stage, window], rank)
+    assert not torch.equal(comparison.kl[0], comparison.kl[1])  # the trained lens differs from the logit lens
