@@ -112,14 +112,8 @@ def train_tuned_lens(
     check_lr(lr)
     started = time.perf_counter()
     streams, final = stage_streams(model, tokens)
-    n_stages, n_tokens, d_model = streams.shape
-    # one leaf per stage: a stage's backward then touches its own [d_model, d_model] gradient only (slices
-    # of one [stage, d_model, d_model] leaf each got a zero-filled gradient of the whole); Adam is
-    # elementwise, so the updates are those of the single leaf
-    weights = [torch.zeros(d_model, d_model, dtype=streams.dtype, device=streams.device, requires_grad=True)
-               for _ in range(n_stages)]
-    biases = [torch.zeros(d_model, dtype=streams.dtype, device=streams.device, requires_grad=True)
-              for _ in range(n_stages)]
+    n_tokens = streams.shape[1]
+    weights, biases = _identity_translators(streams)
     optimiser = torch.optim.Adam([*weights, *biases], lr=lr)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n_tokens, generator=generator)
@@ -146,6 +140,19 @@ def train_tuned_lens(
         seconds=time.perf_counter() - started, threads=torch.get_num_threads(),
         train_loss=torch.tensor(losses, dtype=torch.float64),
     )
+
+
+def _identity_translators(streams: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Zero weight [d_model, d_model] and bias [d_model] leaves, one of each per stage of streams [stage, token, d_model].
+
+    One leaf per stage: a stage's backward touches its own gradient only (slices of one [stage, d_model,
+    d_model] leaf each got a zero-filled gradient of the whole); Adam is elementwise, so the updates are
+    those of a single leaf.
+    """
+    n_stages, _, d_model = streams.shape
+    like = dict(dtype=streams.dtype, device=streams.device, requires_grad=True)
+    return ([torch.zeros(d_model, d_model, **like) for _ in range(n_stages)],
+            [torch.zeros(d_model, **like) for _ in range(n_stages)])
 
 
 def _backward(model: Model, streams: torch.Tensor, final_logprobs: torch.Tensor, weights: list[torch.Tensor],
