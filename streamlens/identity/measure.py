@@ -69,19 +69,30 @@ def stage_features(model: Model, tokens: torch.Tensor, removed: int | None) -> d
 
 def _read_out(model: Model, stream: torch.Tensor, labels: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, ...]:
     """(log10(1 + rank) through the embedding, cosine with the embedding), each [target, n], for the
-    labels [target, n] (-1: none, NaN out) of the tokens at stream [n, d_model]: one read-out for all targets."""
+    labels [target, n] (-1: none, NaN out) of the tokens at stream [n, d_model]: one read-out for all targets.
+
+    rank = #{vocab entries scoring above the label} on `final_norm(stream) @ W_E.T` [n, vocab]. The
+    scores and the comparison reuse two [chunk, vocab] buffers (fresh ones each chunk cost more in
+    page faults than the comparison itself), and the rank is counted on every row, the rows without
+    a label dropped after: the same integers as counting on the labelled rows alone.
+    """
     W_E = model.W_E
     log_ranks = torch.full(labels.shape, float("nan"), dtype=torch.float64)
     cosines = log_ranks.clone()
     with torch.inference_mode():
+        size = min(chunk, labels.shape[1])
+        buffer = torch.empty(size, W_E.shape[0], dtype=W_E.dtype, device=W_E.device)  # [chunk, vocab]
+        above = torch.empty(size, W_E.shape[0], dtype=torch.bool, device=W_E.device)
         for start in range(0, labels.shape[1], chunk):
             piece = stream[start: start + chunk]
-            scores = model.final_norm(piece) @ W_E.T  # [n, vocab]
+            rows = piece.shape[0]
+            scores = torch.matmul(model.final_norm(piece), W_E.T, out=buffer[:rows])  # [n, vocab]
             for t, label in enumerate(labels[:, start: start + chunk].to(piece.device)):
                 has = label >= 0
-                own = scores[has].gather(-1, label[has, None])
+                own = scores.gather(-1, label.clamp_min(0)[:, None])  # [n, 1]
+                ranks = torch.gt(scores, own, out=above[:rows]).sum(-1)  # [n]
                 where = torch.arange(start, start + len(label))[has.cpu()]
-                log_ranks[t, where] = torch.log10(1.0 + (scores[has] > own).sum(-1).double()).cpu()
+                log_ranks[t, where] = torch.log10(1.0 + ranks[has].double()).cpu()
                 cosines[t, where] = torch.nn.functional.cosine_similarity(piece[has], W_E[label[has]], dim=-1).double().cpu()
     return log_ranks, cosines
 

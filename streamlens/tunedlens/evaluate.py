@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import einops
 import torch
 
 from streamlens.model import Model
 from streamlens.recording import record
 from streamlens.results import Provenance, command_line
 from streamlens.results.tunedlens import LENSES, LensComparison, TunedLens
-from streamlens.tunedlens.train import kl_from_final
+from streamlens.tunedlens.train import kl_from_final, stages_per_pass
 
 
 def check_lens(model: Model, lens: TunedLens) -> TunedLens:
@@ -45,19 +46,39 @@ def compare_lenses(
     kls = torch.empty(2, model.n_layers + 1, *tokens.shape, dtype=torch.float64)
     ranks = torch.empty(2, model.n_layers + 1, *tokens.shape, dtype=torch.float64)
     with torch.inference_mode():
-        for window in range(n_windows):  # one window at a time: [pos, vocab] per stage and lens
+        for window in range(n_windows):  # one window at a time: [stages x pos, vocab] per group of stages
             writes = record(model, tokens[window: window + 1])
             final_logprobs = writes.logits[0].log_softmax(-1)
+            final_probs = final_logprobs.exp()
             top = final_logprobs.argmax(-1, keepdim=True)
-            for stage in range(model.n_layers + 1):
-                stream = writes.final[0] if stage == model.n_layers else writes.stream(stage - 1 if stage else None)[0]
-                for index, read in enumerate((stream, lens.translate(stage, stream))):
-                    logprobs = model.final_logits(read).log_softmax(-1)
-                    kls[index, stage, window] = kl_from_final(final_logprobs, logprobs).double().cpu()
-                    ranks[index, stage, window] = (logprobs > logprobs.gather(-1, top)).sum(-1).double().cpu()
+            streams = [writes.final[0] if stage == model.n_layers else writes.stream(stage - 1 if stage else None)[0]
+                       for stage in range(model.n_layers + 1)]
+            per_pass = stages_per_pass(tokens.shape[1])
+            for first in range(0, model.n_layers + 1, per_pass):
+                stages = range(first, min(first + per_pass, model.n_layers + 1))
+                for index, reads in enumerate(([streams[s] for s in stages],
+                                               [lens.translate(s, streams[s]) for s in stages])):
+                    kl, rank = _read(model, torch.stack(reads), final_logprobs, final_probs, top)
+                    kls[index, first: stages.stop, window] = kl
+                    ranks[index, first: stages.stop, window] = rank
     return LensComparison(
         provenance=Provenance.of(model, command or command_line(), lens.seed),
         lenses=LENSES, layer_labels=("embed", *(str(layer) for layer in range(model.n_layers))),
         kl=kls, rank=ranks, text_of=(torch.arange(n_windows) if text_of is None else text_of.cpu()), text=text,
         text_hashes=tuple(text_hashes),
     )
+
+
+def _read(model: Model, reads: torch.Tensor, final_logprobs: torch.Tensor, final_probs: torch.Tensor,
+          top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(final || read) and the rank of the final top token, each [stage, pos] (float64, CPU), for the
+    streams reads [stage, pos, d_model] read through the final norm and unembedding (one matmul for all
+    stages: each row's numbers are those of its stage read alone)."""
+    n_stages = reads.shape[0]
+    flat = einops.rearrange(reads, "stage pos d_model -> (stage pos) d_model")
+    logprobs = einops.rearrange(model.final_logits(flat).log_softmax(-1), "(stage pos) vocab -> stage pos vocab",
+                                stage=n_stages)
+    kl = kl_from_final(final_logprobs, logprobs, final_probs)
+    own = logprobs.gather(-1, einops.repeat(top, "pos one -> stage pos one", stage=n_stages))
+    rank = (logprobs > own).sum(-1)
+    return kl.double().cpu(), rank.double().cpu()

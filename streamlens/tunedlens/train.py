@@ -27,6 +27,12 @@ from streamlens.results.tunedlens import TunedLens
 
 MAX_LR = 0.1  # Adam steps above this move identity-initialised translators far past the logit lens: divergence
 DIVERGED = 1.5  # a run whose last losses average above this multiple of its first loss has diverged
+ROWS_PER_PASS = 256  # stages x tokens read through one unembedding matmul ([256, vocab]: 50 MB for SmolLM2)
+
+
+def stages_per_pass(n_tokens: int) -> int:
+    """How many stages of `n_tokens` tokens each share one unembedding (at least one)."""
+    return max(1, ROWS_PER_PASS // n_tokens)
 
 
 class LensDivergedError(ValueError):
@@ -69,9 +75,12 @@ def stage_streams(model: Model, tokens: torch.Tensor) -> tuple[torch.Tensor, tor
     return flat.clone(), final.clone()  # clones are ordinary tensors that autograd may save
 
 
-def kl_from_final(final_logprobs: torch.Tensor, lens_logprobs: torch.Tensor) -> torch.Tensor:
-    """KL(final || lens) per token, [..., vocab] x2 -> [...] (nats)."""
-    return (final_logprobs.exp() * (final_logprobs - lens_logprobs)).sum(-1)
+def kl_from_final(final_logprobs: torch.Tensor, lens_logprobs: torch.Tensor,
+                  final_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(final || lens) per token, [..., vocab] x2 -> [...] (nats); final_probs: final_logprobs.exp(),
+    when the caller has it already (the same numbers)."""
+    probs = final_logprobs.exp() if final_probs is None else final_probs
+    return (probs * (final_logprobs - lens_logprobs)).sum(-1)
 
 
 def train_tuned_lens(
@@ -103,10 +112,9 @@ def train_tuned_lens(
     check_lr(lr)
     started = time.perf_counter()
     streams, final = stage_streams(model, tokens)
-    n_stages, n_tokens, d_model = streams.shape
-    weight = torch.zeros(n_stages, d_model, d_model, dtype=streams.dtype, device=streams.device, requires_grad=True)
-    bias = torch.zeros(n_stages, d_model, dtype=streams.dtype, device=streams.device, requires_grad=True)
-    optimiser = torch.optim.Adam([weight, bias], lr=lr)
+    n_tokens = streams.shape[1]
+    weights, biases = _identity_translators(streams)
+    optimiser = torch.optim.Adam([*weights, *biases], lr=lr)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n_tokens, generator=generator)
     cursor, losses = 0, []
@@ -118,7 +126,7 @@ def train_tuned_lens(
         with torch.no_grad():
             final_logprobs = model.final_logits(final[chosen]).log_softmax(-1)
         optimiser.zero_grad(set_to_none=False)
-        total = _backward(model, streams[:, chosen], final_logprobs, weight, bias)
+        total = _backward(model, streams[:, chosen], final_logprobs, weights, biases)
         optimiser.step()
         losses.append(total)
         if on_step is not None:
@@ -126,7 +134,7 @@ def train_tuned_lens(
     check_converged(losses, lr)
     return TunedLens(
         provenance=Provenance.of(model, command or command_line(), seed),
-        weight=weight.detach().cpu(), bias=bias.detach().cpu(),
+        weight=torch.stack(weights).detach().cpu(), bias=torch.stack(biases).detach().cpu(),
         layer_labels=("embed", *(str(layer) for layer in range(model.n_layers))),
         steps=steps, lr=float(lr), batch_tokens=batch_tokens, seed=seed, text=text, n_tokens=n_tokens,
         seconds=time.perf_counter() - started, threads=torch.get_num_threads(),
@@ -134,15 +142,43 @@ def train_tuned_lens(
     )
 
 
-def _backward(model: Model, streams: torch.Tensor, final_logprobs: torch.Tensor, weight: torch.Tensor,
-              bias: torch.Tensor) -> float:
-    """Accumulate the gradient of the loss on one mini-batch (streams [stage, token, d_model]); returns the loss."""
-    total = 0.0
+def _identity_translators(streams: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Zero weight [d_model, d_model] and bias [d_model] leaves, one of each per stage of streams [stage, token, d_model].
+
+    One leaf per stage: a stage's backward touches its own gradient only (slices of one [stage, d_model,
+    d_model] leaf each got a zero-filled gradient of the whole); Adam is elementwise, so the updates are
+    those of a single leaf.
+    """
+    n_stages, _, d_model = streams.shape
+    like = dict(dtype=streams.dtype, device=streams.device, requires_grad=True)
+    return ([torch.zeros(d_model, d_model, **like) for _ in range(n_stages)],
+            [torch.zeros(d_model, **like) for _ in range(n_stages)])
+
+
+def _backward(model: Model, streams: torch.Tensor, final_logprobs: torch.Tensor, weights: list[torch.Tensor],
+              biases: list[torch.Tensor]) -> float:
+    """Accumulate the gradient of the loss on one mini-batch (streams [stage, token, d_model]); returns the loss.
+
+    The loss is sum over stages of mean KL(final || lens_s). `stages_per_pass` stages at a time share one
+    graph: their translated streams are stacked [(stage token), d_model] so the unembedding is one
+    matmul (each row's numbers are those of its stage alone: rows of a matmul do not mix), and each
+    stage's mean KL is taken on its own rows, as when the stages ran one by one.
+    """
+    n_stages, n_tokens = streams.shape[:2]
+    final_probs = final_logprobs.exp()  # [token, vocab], the same for every stage
+    losses: list[float] = []
     with torch.enable_grad():
-        for stage in range(streams.shape[0]):  # one stage at a time: only one [batch, vocab] graph alive
-            stream = streams[stage]
-            translated = stream + stream @ weight[stage] + bias[stage]
-            loss = kl_from_final(final_logprobs, model.final_logits(translated).log_softmax(-1)).mean()
-            loss.backward()
-            total += float(loss.detach())
+        per_pass = stages_per_pass(n_tokens)
+        for first in range(0, n_stages, per_pass):
+            stages = range(first, min(first + per_pass, n_stages))
+            translated = torch.cat([streams[s] + streams[s] @ weights[s] + biases[s] for s in stages])
+            lens_logprobs = model.final_logits(translated).log_softmax(-1)  # [(stage token), vocab]
+            lens_logprobs = einops.rearrange(lens_logprobs, "(stage token) vocab -> stage token vocab", token=n_tokens)
+            kl = kl_from_final(final_logprobs, lens_logprobs, final_probs)  # [stage, token]
+            per_stage = torch.stack([kl[index].mean() for index in range(len(stages))])
+            per_stage.sum().backward()
+            losses += per_stage.detach().tolist()
+    total = 0.0
+    for loss in losses:  # summed one stage after another, as the loss was always reported
+        total += loss
     return total
