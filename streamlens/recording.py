@@ -26,13 +26,6 @@ def _recording_hooks(model: Model, kept: dict[str, torch.Tensor], attn: torch.Te
     """Hooks that copy the embeddings and final stream into `kept` (by site name) and each layer's writes
     into row `layer` of the buffers `attn`, `mlp` (and `z`, `post_scale` where given)."""
 
-    def keep(name: str):
-        # keyed by the name we asked for: the bridge reports aliases under their canonical names
-        def hook(tensor: torch.Tensor, hook: Any) -> None:
-            kept[name] = tensor.detach().clone()
-
-        return hook
-
     def into(buffer: torch.Tensor, layer: int):
         def hook(tensor: torch.Tensor, hook: Any) -> None:
             buffer[layer].copy_(tensor.detach())
@@ -41,7 +34,8 @@ def _recording_hooks(model: Model, kept: dict[str, torch.Tensor], attn: torch.Te
 
     names = [sites.EMBED, sites.FINAL_STREAM, sites.FINAL_SCALE]
     names += [sites.POS_EMBED] if model.has_pos_embed else []
-    hooks = [(name, keep(name)) for name in names]
+    # keyed by the name we asked for: the bridge reports aliases under their canonical names
+    hooks = [(name, sites.storing(kept, name, copy=True)) for name in names]
     for layer in range(model.n_layers):
         hooks += [(sites.attn_out(layer), into(attn, layer)), (sites.mlp_out(layer), into(mlp, layer))]
         if z is not None:

@@ -18,6 +18,20 @@ FINAL_STREAM = "ln_final.hook_in"
 Kind = Literal["embed", "pos_embed", "attn", "mlp", "head", "block"]
 
 
+def storing(store: dict, key: object, copy: bool = False):
+    """A hook that puts the tensor it sees into `store[key]` and leaves the forward unchanged.
+
+    `copy`: store a detached clone (safe to keep after the forward; the stored tensor then carries no
+    graph). Without it the tensor itself is stored, graph and all, for callers that differentiate
+    against it or read it within the same forward.
+    """
+
+    def hook(tensor, hook) -> None:
+        store[key] = tensor.detach().clone() if copy else tensor
+
+    return hook
+
+
 def resid_pre(layer: int) -> str:
     """Stream entering block `layer`, [batch, pos, d_model]."""
     return f"blocks.{layer}.hook_resid_pre"

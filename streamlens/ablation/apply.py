@@ -135,17 +135,11 @@ def skip_removal_hooks(model: Model, removed: Sequence[int], streams: dict[int, 
     def leaf(embedding: torch.Tensor, hook: Any) -> torch.Tensor:
         return embedding.detach().requires_grad_(True)
 
-    def keep(layer: int):
-        def hook(resid_pre: torch.Tensor, hook: Any) -> None:
-            streams[layer] = resid_pre
-
-        return hook
-
     def cut_skip(layer: int):
         def hook(resid_post: torch.Tensor, hook: Any) -> torch.Tensor:
             return resid_post - streams[layer]  # = attn_out + mlp_out: the block's writes alone
 
         return hook
 
-    hooks = [(sites.EMBED, leaf)] + [(sites.resid_pre(layer), keep(layer)) for layer in range(model.n_layers)]
+    hooks = [(sites.EMBED, leaf)] + [(sites.resid_pre(layer), sites.storing(streams, layer)) for layer in range(model.n_layers)]
     return hooks + [(sites.resid_post(layer), cut_skip(layer)) for layer in removed]

@@ -249,13 +249,9 @@ class Engine:
             if first < self.model.n_layers:
                 streams[first] = stream
         kept: dict[int, torch.Tensor] = {}
-
-        def keep(layer: int):
-            return lambda tensor, hook: kept.__setitem__(layer, tensor)
-
         if first < self.model.n_layers:
             hooks = replacing_hooks([replacement], None, from_layer=first)
-            hooks += [(sites.resid_pre(layer), keep(layer)) for layer in range(first + 1, self.model.n_layers)]
+            hooks += [(sites.resid_pre(layer), sites.storing(kept, layer)) for layer in range(first + 1, self.model.n_layers)]
             self.model.run_to(stream, sites.FINAL_STREAM, hooks, first)
         streams.update(kept)
         self._streams = (spec, streams)

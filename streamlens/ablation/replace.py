@@ -49,14 +49,8 @@ def capture(
     """
     kept: dict[str, torch.Tensor] = {}
 
-    def keep(name: str):
-        def hook(tensor: torch.Tensor, hook: object) -> None:
-            kept[name] = tensor
-
-        return hook
-
     names = sorted({w.hook_name for w in writes} | {sites.resid_pre(layer) for layer in resid_layers})
-    final = model.run_to(tokens, sites.FINAL_STREAM, [(name, keep(name)) for name in names])
+    final = model.run_to(tokens, sites.FINAL_STREAM, [(name, sites.storing(kept, name)) for name in names])
     resid = {layer: kept[sites.resid_pre(layer)] for layer in resid_layers}
     return resid, {w: part(w, kept[w.hook_name]) for w in writes}, final
 

@@ -54,14 +54,9 @@ def stage_features(model: Model, tokens: torch.Tensor, removed: int | None) -> d
     streams: dict[int, torch.Tensor] = {}
     kept: dict[str, torch.Tensor] = {}
 
-    def keep(name: str):
-        def hook(tensor, hook):
-            kept[name] = tensor.detach().clone()
-
-        return hook
-
     after = sites.resid_post(removed)
-    hooks = skip_removal_hooks(model, [removed], streams) + [(after, keep(after)), (sites.FINAL_STREAM, keep(sites.FINAL_STREAM))]
+    hooks = skip_removal_hooks(model, [removed], streams) + [(name, sites.storing(kept, name, copy=True))
+                                                             for name in (after, sites.FINAL_STREAM)]
     with torch.no_grad():
         model.run(tokens, hooks=hooks)
     return {removed + 1: kept[after], model.n_layers: kept[sites.FINAL_STREAM]}

@@ -22,8 +22,6 @@ L - l layers per unit.
 
 from __future__ import annotations
 
-from typing import Any
-
 import einops
 import torch
 from jaxtyping import Float
@@ -56,17 +54,10 @@ class LocalChunk:
         self.replacements, self.n_texts = replacements, batch.n_texts
         kept: dict[str, torch.Tensor] = {}
 
-        def keep(name: str):
-            def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
-                kept[name] = tensor
-                return tensor
-
-            return hook
-
         points = [sites.resid_pre(layer) for layer in range(1, model.n_layers)]
         with torch.inference_mode(False), torch.enable_grad():
             final = model.run_to(batch.tokens, sites.FINAL_STREAM, [(sites.EMBED, leaf)]
-                                 + [(name, keep(name)) for name in points])
+                                 + [(name, sites.storing(kept, name)) for name in points])
             kept[sites.FINAL_STREAM] = final
             per_text, self.clean_loss = per_text_metrics(model, batch, final, names)
             names_kept = [*points, sites.FINAL_STREAM]

@@ -82,13 +82,6 @@ class PathChunk:
         moved: dict[str, torch.Tensor] = {}
         moves: dict[str, torch.Tensor] = {}
 
-        def keep(name: str):
-            def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
-                kept[name] = tensor
-                return tensor
-
-            return hook
-
         def mix(name: str):
             def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
                 moves[name] = self._move(name, tensor, kept)
@@ -98,7 +91,7 @@ class PathChunk:
             return hook
 
         blocks = [sites.attn_out(layer) for layer in sorted(self.blocks)]
-        hooks = [(sites.EMBED, leaf)] + [(name, keep(name)) for name in blocks] + [(n, mix(n)) for n in self.points]
+        hooks = [(sites.EMBED, leaf)] + [(name, sites.storing(kept, name)) for name in blocks] + [(n, mix(n)) for n in self.points]
         with torch.inference_mode(False), torch.enable_grad():
             final = self.model.run_to(self.batch.tokens, sites.FINAL_STREAM, hooks)
             per_text, loss = per_text_metrics(self.model, self.batch, final, self.names)
