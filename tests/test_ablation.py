@@ -306,8 +306,11 @@ def test_cumulative_steps_and_budget_cut_the_full_run(tiny, windows):
     units = A.units(tiny, "attn") + A.units(tiny, "mlp")
     for mode in ("order", "greedy"):
         full = A.cumulative(tiny, windows, units, mode=mode, n_boot=40)
-        cut = A.cumulative(tiny, windows, units, mode=mode, n_boot=40, steps=3)
+        counted = []  # the progress bar's total is what the run evaluates, per chunk of texts
+        cut = A.cumulative(tiny, windows, units, mode=mode, n_boot=40, steps=3, progress=counted.append)
         assert cut.units == full.units[:3] and torch.equal(cut.per_text, full.per_text[:3])
+        chunks = -(-windows.n_texts // A.EvalOptions().batch_size)
+        assert sum(counted) == A.cumulative_evaluations(len(units), mode, steps=3) * chunks
         means = full.per_text[:, 0].mean(-1)  # loss increase after each step
         budget = float(means[1]) - 1e-12  # step 1 passes it (or step 0 already does): cut there
         over = int((means > budget).nonzero()[0])

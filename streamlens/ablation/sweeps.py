@@ -204,9 +204,14 @@ def _summary(model: Model, batch: TokenBatch, engine: Engine, options: EvalOptio
     )
 
 
-def cumulative_evaluations(n_units: int, mode: str) -> int:
-    """How many (spec) evaluations `cumulative` runs per chunk of texts (for progress bars)."""
-    return n_units if mode == "order" else n_units * (n_units + 1) // 2
+def cumulative_evaluations(n_units: int, mode: str, steps: int | None = None) -> int:
+    """How many (spec) evaluations `cumulative` runs per chunk of texts (for progress bars).
+
+    "order" runs one per step; "greedy" runs every remaining unit at each step: n + (n - 1) + ...,
+    `steps` terms (None: all n). A run stopped early by `budget` runs fewer.
+    """
+    steps = n_units if steps is None else min(steps, n_units)
+    return steps if mode == "order" else sum(n_units - step for step in range(steps))
 
 
 def by_damage(result: AblationResult, metric: str | None = None) -> list[int]:

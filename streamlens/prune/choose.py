@@ -62,11 +62,6 @@ def greedy_blocks(model: Model, batch: TokenBatch, k_max: int, options: A.EvalOp
     return [site.layer for site in curve.sites], [float(value) for value in curve.values[:, 0]]
 
 
-def greedy_evaluations(n_layers: int, k_max: int) -> int:
-    """Evaluations `greedy_blocks` runs per chunk of texts (for progress bars): L + (L - 1) + ... k_max terms."""
-    return sum(n_layers - step for step in range(k_max))
-
-
 def lowest(scores: torch.Tensor, k: int) -> tuple[int, ...]:
     """The k layers with the lowest mean score ([layer, text] -> sorted layer indices; ties: lower layer)."""
     order = torch.argsort(scores.double().mean(-1), stable=True)

@@ -25,7 +25,7 @@ from streamlens.data import TokenBatch, check_disjoint
 from streamlens.model import Model, load_model
 from streamlens.model.export import ExportRefused, check_export_folder
 from streamlens.model.train import TrainSettings
-from streamlens.prune.choose import check_k, choose, greedy_evaluations
+from streamlens.prune.choose import check_k, choose
 from streamlens.prune.compare import compare, comparison_specs, verdicts
 from streamlens.prune.evaluate import EvaluateSettings
 from streamlens.prune.evaluate import compare as evaluate_pruned
@@ -209,7 +209,7 @@ def choose_step(model: Model, batch: TokenBatch, config: PruneConfig, stage: Sta
     """Step 1: every strategy's choice up to k_max, and the k to export (the budget's, when one is given)."""
     k, k_max = config.ks(model.n_layers)
     if stage:
-        stage("choose (greedy on the choice data)", greedy_evaluations(model.n_layers, k_max))
+        stage("choose (greedy on the choice data)", A.cumulative_evaluations(model.n_layers, "greedy", k_max))
     choice = choose(model, batch, k_max, config.options, budget=config.budget, progress=progress, command=command)
     if k is None:
         k = choice.k_budget or 0
@@ -239,5 +239,5 @@ def judge_and_heal(model: Model, folder: Path, eval_batch: TokenBatch, config: P
             _, healed = timed(seconds, "heal", lambda: heal(
                 pruned, heal_tokens, eval_batch, target, train, teacher=model, train_data=heal_data,
                 n_boot=config.options.n_boot, seed=config.options.seed, command=command,
-                proof_tokens=eval_batch.tokens[: config.proof_windows], run_id=run_id))
+                proof_tokens=eval_batch.tokens[: config.proof_windows], run_id=run_id, gguf=config.gguf))
     return evaluation, healed
