@@ -92,6 +92,25 @@ def test_help_and_validation_agree_on_dtypes(name, tmp_path, monkeypatch):
         one_error(result, *(("--threads 0",) if dtype in offered else ("--dtype", dtype)))
 
 
+WITH_BOOTSTRAP = sorted(name for name in COMMANDS if "--bootstrap" in _options(name))
+
+
+def test_the_bootstrap_option_is_declared_once():
+    assert WITH_BOOTSTRAP == ["ablate", "layers", "prune"]
+    assert len({id(_options(name)["--bootstrap"].help) for name in WITH_BOOTSTRAP}) == 1
+
+
+@pytest.mark.parametrize("name", WITH_BOOTSTRAP)
+@pytest.mark.parametrize("n_boot", [39, 10**15])
+def test_every_bootstrap_is_checked_by_the_one_rule_before_any_load(name, n_boot, tmp_path, monkeypatch):
+    """Too few replicates, or more than memory holds: the same streamlens.limits message everywhere, exit 2."""
+    result = _run([name, "--bootstrap", n_boot], tmp_path, monkeypatch)
+    expected = ("--bootstrap 39 must be a whole number of at least 40",) if n_boot == 39 else \
+        (f"--bootstrap {n_boot} needs", "GB", "use at most")
+    one_error(result, *expected)
+    assert os.listdir(tmp_path) == []
+
+
 def test_click_errors_and_ours_share_one_form(tmp_path, monkeypatch):
     for args in (["ablate", "--bogus"], ["ablat"], ["lens", "train", "--steps", "x"]):
         result = _run(args, tmp_path, monkeypatch)

@@ -6,7 +6,7 @@ import typer
 
 from streamlens.cli import backend as B
 from streamlens.cli.attribution import ESTIMATE, EXACT_TOP, IG_STEPS, check_estimate_options
-from streamlens.cli.common import (MIN_BOOTSTRAP, app, check_at_least, check_bootstrap, check_choice, fail, parse_ints,
+from streamlens.cli.common import (BOOTSTRAP, app, check_at_least, check_bootstrap, check_choice, fail, parse_ints,
                                    progress_bar, stdout_console)
 from streamlens.cli.options import (Count, DataOptions, ModelOptions, OutputOptions, Sweep, data_group,
                                     model_group, output_group, uses)
@@ -63,8 +63,7 @@ def ablate(
     seed: int = typer.Option(0, "--seed", help="Seeds the resample donors and the bootstrap."),
     batch_size: int = typer.Option(None, "--batch-size", help="Most sequences in one forward (texts x variants; "
                                    "default 16, or chosen from free memory with --device cuda)."),
-    n_boot: int = typer.Option(1000, "--bootstrap", help=f"Bootstrap replicates for the 95% CIs (over texts; at "
-                               f"least {MIN_BOOTSTRAP})."),
+    n_boot: int = BOOTSTRAP,
     output: OutputOptions = None,
     workers: int = B.WORKERS,
     ray_address: str = B.RAY_ADDRESS,

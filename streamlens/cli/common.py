@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 import typer
 from typer.core import TyperGroup
 
-from streamlens.limits import MIN_BOOTSTRAP, check_n_boot  # noqa: F401 - MIN_BOOTSTRAP: the commands' --bootstrap help
+from streamlens.limits import MIN_BOOTSTRAP, check_n_boot
 
 # click's error classes as typer uses them (typer may ship its own copy of click): found from a public name
 _USAGE_ERROR = next(kind for kind in typer.BadParameter.__mro__ if kind.__name__ == "UsageError")
@@ -97,6 +97,10 @@ def progress_bar(console=None, transient: bool = True):
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     return Progress(*columns, console=console, transient=transient)
+
+
+BOOTSTRAP = typer.Option(1000, "--bootstrap", help=f"Bootstrap replicates for the 95% CIs (over texts; at least "
+                         f"{MIN_BOOTSTRAP}).")  # every command's --bootstrap; checked with check_bootstrap
 
 
 def check_bootstrap(n_boot: int) -> int:

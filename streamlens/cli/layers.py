@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from streamlens.cli import backend as B
-from streamlens.cli.common import MIN_BOOTSTRAP, app, check_at_least, fail, parse_ints, progress_bar
+from streamlens.cli.common import BOOTSTRAP, app, check_at_least, check_bootstrap, fail, parse_ints, progress_bar
 from streamlens.cli.options import (Count, DataOptions, ModelOptions, OutputOptions, data_group, model_group,
                                     output_group, uses)
 
@@ -30,8 +30,7 @@ def layers(
                                       "e.g. 20-29 or all (default: the last third); sublayers: always all."),
     seed: int = typer.Option(0, "--seed", help="Seeds the resample donors and the bootstrap."),
     batch_size: int = typer.Option(64, "--batch-size", help="Most sequences in one forward (texts x variants)."),
-    n_boot: int = typer.Option(1000, "--bootstrap", help=f"Bootstrap replicates for the 95% CIs (over texts; at "
-                               f"least {MIN_BOOTSTRAP})."),
+    n_boot: int = BOOTSTRAP,
     output: OutputOptions = None,
     workers: int = B.WORKERS,
 ) -> None:
@@ -39,8 +38,8 @@ def layers(
     import time
 
     started = time.perf_counter()
-    check_at_least(("--greedy-pool", greedy_pool, 1), ("--batch-size", batch_size, 1),
-                   ("--bootstrap", n_boot, MIN_BOOTSTRAP))
+    check_at_least(("--greedy-pool", greedy_pool, 1), ("--batch-size", batch_size, 1))
+    check_bootstrap(n_boot)  # the one rule of every command (streamlens.limits)
     on_ray = B.check_backend_options(workers, None, model.device)
     sizes = parse_ints("--span-sizes", span_sizes)
     heads_layers = None if repair_layers in (None, "all") else parse_ints("--repair-layers", repair_layers)

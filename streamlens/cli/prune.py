@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from streamlens.cli.common import MIN_BOOTSTRAP, app, check_at_least, check_choice, fail, progress_bar
+from streamlens.cli.common import BOOTSTRAP, app, check_at_least, check_bootstrap, check_choice, fail, progress_bar
 from streamlens.cli.options import (TEXTS_HELP, Count, DataOptions, Group, ModelOptions, OutputOptions, data_group,
                                     model_group, output_group, uses)
 
@@ -74,7 +74,7 @@ def pruning_group() -> Group:
                                 "and judge it against the full model.")),
         "export_dir": (str, option(None, "--export-dir", help="Folder for the pruned model (default: OUT/model); "
                                    "must not exist or be empty.")),
-        "gguf": (bool, option(False, "--gguf", help="Also write a float32 GGUF file into the export folder.")),
+        "gguf": (bool, option(False, "--gguf", help="Also write a float32 GGUF file into the export folder (and the healed folder).")),
         "proof_windows": (int, option(4, "--proof-windows", help="Held-out windows the export's logits are "
                                       "checked on.")),
         "evaluate": (bool, option(True, "--evaluate/--no-evaluate", help="Judge the exported model against the "
@@ -84,8 +84,7 @@ def pruning_group() -> Group:
                                         "side by side.")),
         "seed": (int, option(0, "--seed", help="Seeds the bootstrap and the healing.")),
         "batch_size": (int, option(16, "--batch-size", help="Most sequences in one forward (texts x variants).")),
-        "n_boot": (int, option(1000, "--bootstrap", help=f"Bootstrap replicates for the 95% CIs (over texts; at "
-                               f"least {MIN_BOOTSTRAP}).")),
+        "n_boot": (int, BOOTSTRAP),
     }, build)
 
 
@@ -94,7 +93,8 @@ def check_pruning(p: Pruning) -> None:
     check_at_least(("--blocks", p.blocks, 1), ("--compare-up-to", p.compare_up_to, 1),
                    ("--choice-windows", p.choice_windows, 2), ("--eval-windows", p.eval_windows, 2),
                    ("--proof-windows", p.proof_windows, 1), ("--generate-tokens", p.generate_tokens, 1),
-                   ("--batch-size", p.batch_size, 1), ("--bootstrap", p.n_boot, MIN_BOOTSTRAP))
+                   ("--batch-size", p.batch_size, 1))
+    check_bootstrap(p.n_boot)  # the one rule of every command (streamlens.limits)
     if p.budget is not None and p.blocks is not None:
         fail("give --blocks or --budget, not both")
     if p.budget is not None and not p.budget >= 0:

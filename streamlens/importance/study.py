@@ -107,7 +107,7 @@ def layer_study(model: Model, batch: TokenBatch, config: StudyConfig | None = No
                 command: str | None = None, backend: Backend | None = None) -> LayerStudy:
     """Run the study (see the package docstring); `stage(name, evaluations)` announces each part,
     `progress(k)` counts finished evaluations (per chunk of texts); `backend`: where the sweeps
-    run (`ablation.backends.choose_backend`; None: here)."""
+    run (`ablation.placement.choose_backend`; None: here)."""
     config = (config or StudyConfig()).check(model)
     options = A.EvalOptions.of(config.options, metrics=METRICS)
     command = command or command_line()
