@@ -4,6 +4,7 @@ against autograd, memory counting, reproducibility, the verdict statistics and t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import types
@@ -348,6 +349,27 @@ def test_every_verdict_row_is_decided_from_the_study(tiny_study):
     post, pre = (tiny_study.runs("lm", v, 2) for v in ("post_norm", "pre_norm"))
     ratio = (tiny_study.param_grad_norm[:, 0, 0] / tiny_study.param_grad_norm[:, 0, 1]).log10().abs()
     assert params.value == pytest.approx(float((ratio[post] - ratio[pre]).mean()))
+
+
+def test_the_lesion_row_reads_the_deepest_depth_where_plain_trained(tiny_study):
+    """Veit's comparison needs two trained nets: the row moves to the deepest CNN depth where every plain
+    seed reaches TRAINED_ACCURACY, and with none it cannot decide."""
+    def lesion_row(study):
+        return next(row for row in verdicts.residual_verdicts(study) if row.claim.startswith("Deleting one block"))
+
+    accuracy = tiny_study.heldout_accuracy.clone()
+    shallow, deep = tiny_study.runs("cnn", "plain", 1), tiny_study.runs("cnn", "plain", 2)
+    accuracy[shallow, -1], accuracy[deep, -1] = 0.9, 0.3  # plain trains at depth 1 only
+    trained = dataclasses.replace(tiny_study, heldout_accuracy=accuracy)
+    assert verdicts.trained_cnn_depth(trained) == 1
+    row = lesion_row(trained)
+    assert "digits CNN, 1 basic blocks" in row.protocol
+    drop = {v: (accuracy[r, -1:] - tiny_study.lesion_accuracy[r]).nanmean(-1)
+            for v, r in (("plain", shallow), ("residual", tiny_study.runs("cnn", "residual", 1)))}
+    assert row.value == pytest.approx(float(100 * (drop["plain"] - drop["residual"]).mean()))
+    accuracy[shallow, -1] = 0.5  # trains nowhere
+    untrained = lesion_row(dataclasses.replace(tiny_study, heldout_accuracy=accuracy))
+    assert untrained.verdict == "unclear" and "at no depth" in untrained.number and "2 basic blocks" in untrained.protocol
 
 
 def test_seed_interval_is_the_student_t_interval_and_decides():

@@ -8,6 +8,7 @@ other side, "unclear" when it contains zero. A row whose runs are not in the stu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -47,6 +48,7 @@ PAPERS = {
 }
 
 
+TRAINED_ACCURACY = 0.85  # a plain CNN counts as trained at a depth when every seed reaches this held out
 TESTBED_LABELS = {"mlp": "toy MLP", "lm": "char Transformer", "cnn": "digits CNN"}
 
 
@@ -108,22 +110,39 @@ def _degradation(study: ResidualStudy) -> Verdict | None:
                 gap["plain"], "nats", "he", f"residual: {seed_interval(gap['residual'])[0]:.3g} nats")
 
 
+def trained_cnn_depth(study: ResidualStudy) -> int | None:
+    """The deepest CNN depth where the plain net reached TRAINED_ACCURACY held out in every seed (None: none did).
+
+    The lesion test compares two trained nets: a plain net that never trained has little to lose.
+    """
+    trained = [depth for depth in study.cnn_depths
+               if study.runs("cnn", "plain", depth) and bool(
+                   (study.heldout_accuracy[study.runs("cnn", "plain", depth), -1] >= TRAINED_ACCURACY).all())]
+    return max(trained) if trained else None
+
+
 def _lesions(study: ResidualStudy) -> Verdict | None:
     if "cnn" not in study.testbeds or not study.lesions:
         return None
-    deep = max(study.cnn_depths)
+    trained = trained_cnn_depth(study)
+    deep = max(study.cnn_depths) if trained is None else trained
     drop = {}
     for variant in ("plain", "residual"):
         runs = study.runs("cnn", variant, deep)
         drop[variant] = (study.heldout_accuracy[runs, -1:] - study.lesion_accuracy[runs]).nanmean(-1)
     if bool(drop["plain"].isnan().any()):
         return None  # no block of this depth can be deleted
-    return _row("Deleting one block barely hurts a residual net and ruins a plain one",
-                f"digits CNN, {deep} basic blocks, trained; delete each same-shape block in turn at test time; "
-                f"held-out accuracy drop averaged over blocks, plain minus residual",
-                100 * (drop["plain"] - drop["residual"]), "points", "veit",
-                f"plain drop {100 * float(drop['plain'].mean()):.1f} points, "
-                f"residual {100 * float(drop['residual'].mean()):.1f}")
+    row = _row("Deleting one block barely hurts a residual net and ruins a plain one",
+               f"digits CNN, {deep} basic blocks (the deepest where plain reaches held-out accuracy >= "
+               f"{TRAINED_ACCURACY:g} in every seed), trained; delete each same-shape block in turn at test time; "
+               f"held-out accuracy drop averaged over blocks, plain minus residual",
+               100 * (drop["plain"] - drop["residual"]), "points", "veit",
+               f"plain drop {100 * float(drop['plain'].mean()):.1f} points, "
+               f"residual {100 * float(drop['residual'].mean()):.1f}")
+    if trained is None:  # an untrained plain net has nothing to lose: the comparison cannot decide
+        return dataclasses.replace(row, verdict="unclear", number=row.number + f"; plain reached held-out accuracy "
+                                   f"{TRAINED_ACCURACY:g} at no depth (untrained: cannot decide)")
+    return row
 
 
 def _highway_trains(study: ResidualStudy) -> Verdict | None:
