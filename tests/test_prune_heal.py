@@ -209,6 +209,27 @@ def test_lora_heal_lowers_the_loss_on_its_texts(pair, windows, tmp_path):
         float((result.loss_after - result.loss_before).mean()))
 
 
+def test_a_healed_gguf_file_is_proved_against_the_trained_model(pair, windows, tmp_path, monkeypatch):
+    """With gguf=True the healed folder also holds a float32 GGUF file, read back by transformers' GGUF
+    reader and proved with the float32 tolerance (the float64 model's own tolerance would refuse it)."""
+    from streamlens.model import gguf
+    from streamlens.model.export import LOGIT_TOLERANCE
+    from streamlens.prune.prove import GGUF_NAME
+    from streamlens.testing import TINY_VOCAB
+
+    words = gguf.GGUFVocabulary(tuple(f"w{i}" for i in range(TINY_VOCAB)), (1,) * TINY_VOCAB, (), 1, 2)
+    monkeypatch.setattr(gguf, "bpe_vocabulary", lambda tokenizer: words)  # the tiny word-level tokenizer has no BPE form
+    full, pruned = pair
+    settings = TrainSettings(steps=2, mode="full", lr=1e-2, batch_size=4)
+    _, result = heal(pruned, windows[1], window_batch(windows[0]), tmp_path / "healed", settings, teacher=full,
+                     proof_tokens=windows[0][:2], gguf=True)
+    assert (tmp_path / "healed" / GGUF_NAME).is_file()
+    assert set(result.proof) == {"transformers", "streamlens", "gguf"} and result.proved
+    assert LOGIT_TOLERANCE["float64"] < result.proof["gguf"] <= result.gguf_tolerance == LOGIT_TOLERANCE["float32"]
+    back = HealResult.load(result.save(tmp_path / "h.safetensors"))
+    assert back.proof == result.proof and back.gguf_tolerance == result.gguf_tolerance and back.proved
+
+
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_training_is_deterministic_with_a_seed(pair, windows, mode):
     full, pruned = pair

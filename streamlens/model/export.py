@@ -190,6 +190,11 @@ def save_folder(hf_model: torch.nn.Module, tokenizer: Any, folder: str | os.Path
 LOGIT_TOLERANCE = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 2e-2}  # relative; what a faithful save keeps
 
 
+def gguf_tolerance(dtype: str) -> float:
+    """What a float32 GGUF file of a `dtype` model may differ by (relative): float32's tolerance at best."""
+    return max(LOGIT_TOLERANCE[dtype], LOGIT_TOLERANCE["float32"])
+
+
 def relative_difference(logits: torch.Tensor, reference: torch.Tensor) -> float:
     """max |logits - reference| / max |reference| (in float64), over every position and vocabulary entry."""
     return float((logits.double() - reference.double()).abs().max() / reference.double().abs().max())

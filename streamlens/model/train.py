@@ -158,11 +158,12 @@ def fit(hf_model: torch.nn.Module, tokens: torch.Tensor, settings: TrainSettings
 
 
 def save_folder(hf_model: torch.nn.Module, tokenizer: object, folder: str | os.PathLike[str],
-                facts: dict[str, Any] | None = None) -> Path:
+                facts: dict[str, Any] | None = None, gguf_name: str | None = None) -> Path:
     """Write `hf_model` and `tokenizer` as an HF folder (config, safetensors, tokenizer files; `facts` as
-    streamlens-export.json), atomically (`export.save_folder`: an interrupted save leaves no folder).
+    streamlens-export.json; `gguf_name`: a float32 GGUF file too), atomically (`export.save_folder`: an
+    interrupted save leaves no folder).
 
     Raises:
         ValueError: `folder` exists and is not empty.
     """
-    return save_hf_folder(hf_model, tokenizer, folder, facts)
+    return save_hf_folder(hf_model, tokenizer, folder, facts, gguf_name)

@@ -57,7 +57,8 @@ def summary(run: PruneRun) -> dict[str, Any]:
             "folder": run.heal.folder, "settings": run.heal.settings, "train_data": run.heal.train_data,
             "rows": run.heal.to_dataframe().to_dict("records"), "train_loss": run.heal.train_loss.tolist(),
             "seconds": run.heal.seconds, "cpu_seconds": run.heal.cpu_seconds, "proof": run.heal.proof,
-            "proof_tolerance": run.heal.proof_tolerance, "proved": run.heal.proved},
+            "proof_tolerance": run.heal.proof_tolerance, "gguf_tolerance": run.heal.gguf_tolerance,
+            "proved": run.heal.proved},
         "seconds": {name: round(value, 2) for name, value in run.seconds.items()},
     }
 
@@ -128,7 +129,8 @@ def heal_section(heal: HealResult) -> Section:
         f"Trained on {html.escape(heal.train_data)} ({html.escape(settings)}; {heal.cpu_seconds:.0f} s CPU), judged on "
         f"{html.escape(heal.data)}. Saved to {html.escape(heal.folder)}; the folder loaded back against the trained "
         f"model on {heal.proof_windows} held-out windows: {html.escape(proof or 'not measured')} (tolerance "
-        f"{heal.proof_tolerance}): <b>{'passed' if heal.proved else 'FAILED' if heal.proved is False else 'n/a'}</b>."
+        f"{heal.proof_tolerance}" + (f"; GGUF {heal.gguf_tolerance}" if heal.gguf_tolerance is not None else "")
+        + f"): <b>{'passed' if heal.proved else 'FAILED' if heal.proved is False else 'n/a'}</b>."
         + html_table(heal.to_dataframe().to_dict("records"), ("metric", "stage", "estimate", "low", "high"))),
         plots.heal_before_after(heal))
 

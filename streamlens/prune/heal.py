@@ -17,10 +17,11 @@ import torch
 
 from streamlens.data import TokenBatch
 from streamlens.model import Model, load_model
-from streamlens.model.export import LOGIT_TOLERANCE, folder_logits, relative_difference
+from streamlens.model.export import LOGIT_TOLERANCE, folder_logits, gguf_tolerance, relative_difference
 from streamlens.model.hf import hf_context
 from streamlens.model.train import TrainSettings, save_folder, train
 from streamlens.prune.evaluate import prediction_metrics
+from streamlens.prune.prove import GGUF_NAME
 from streamlens.results.base import Provenance, command_line
 from streamlens.results.pruned import HealResult
 
@@ -43,7 +44,8 @@ def check_disjoint(train_tokens: torch.Tensor, eval_tokens: torch.Tensor) -> Non
 def heal(pruned: Model, train_tokens: torch.Tensor, eval_batch: TokenBatch, folder: str | Path,
          settings: TrainSettings, teacher: Model | None = None, train_data: str = "",
          n_boot: int = 1000, seed: int = 0, level: float = 0.95, command: str | None = None,
-         proof_tokens: torch.Tensor | None = None, run_id: str | None = None) -> tuple[Model, HealResult]:
+         proof_tokens: torch.Tensor | None = None, run_id: str | None = None,
+         gguf: bool = False) -> tuple[Model, HealResult]:
     """Fine-tune `pruned`, save it to `folder`, load it back, and measure before and after.
 
     Args:
@@ -56,6 +58,7 @@ def heal(pruned: Model, train_tokens: torch.Tensor, eval_batch: TokenBatch, fold
         proof_tokens: windows [n, pos] (keep n small) on which the saved folder is proved against
             the trained model (None: no proof).
         run_id: written into the folder's streamlens-export.json (a run finds its own folder by it).
+        gguf: also write a float32 GGUF file (`GGUF_NAME`) into the folder; the proof reads it back too.
 
     Returns:
         (the healed model loaded from `folder`, the `HealResult`). With 0 steps, after == before.
@@ -65,7 +68,8 @@ def heal(pruned: Model, train_tokens: torch.Tensor, eval_batch: TokenBatch, fold
     reference = None if proof_tokens is None else trained_logits(trained.hf_model, proof_tokens, pruned)
     save_folder(trained.hf_model, pruned.tokenizer, folder, {"healed_from": pruned.info.name, "steps": settings.steps,
                                                              "mode": settings.mode, "loss": settings.loss,
-                                                             **({"run_id": run_id} if run_id else {})})
+                                                             **({"run_id": run_id} if run_id else {})},
+                gguf_name=GGUF_NAME if gguf else None)
     losses, seconds, cpu_seconds = trained.losses, trained.seconds, trained.cpu_seconds
     del trained  # frees the trained copy: the folder, loaded back, is what is judged
     healed = load_model(str(folder), dtype=pruned.info.dtype, device=pruned.info.device)
@@ -86,6 +90,7 @@ def heal(pruned: Model, train_tokens: torch.Tensor, eval_batch: TokenBatch, fold
         train_loss=losses, seconds=seconds, cpu_seconds=cpu_seconds,
         n_boot=n_boot, seed=seed, level=level, proof=proof,
         proof_tolerance=None if proof is None else LOGIT_TOLERANCE[pruned.info.dtype],
+        gguf_tolerance=None if proof is None or "gguf" not in proof else gguf_tolerance(pruned.info.dtype),
         proof_windows=0 if proof_tokens is None else int(proof_tokens.shape[0]))
     return healed, result
 
@@ -103,8 +108,13 @@ def trained_logits(hf_model: torch.nn.Module, tokens: torch.Tensor, model: Model
 
 def prove_saved(healed: Model, folder: str | Path, tokens: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
     """The saved folder against the trained model's logits `reference` [n, pos, d_vocab]: relative max
-    difference when loaded fresh with transformers and as the `healed` handle (`load_model`)."""
+    difference when loaded fresh with transformers, as the `healed` handle (`load_model`), and from
+    its GGUF file (transformers' GGUF reader) when the folder has one."""
     from_hf = relative_difference(folder_logits(folder, tokens, healed.info.dtype), reference)
     with torch.inference_mode():
         logits = torch.cat([healed.run(tokens[start:start + 4]).cpu() for start in range(0, tokens.shape[0], 4)])
-    return {"transformers": from_hf, "streamlens": relative_difference(logits, reference)}
+    proof = {"transformers": from_hf, "streamlens": relative_difference(logits, reference)}
+    gguf_file = Path(folder) / GGUF_NAME
+    if gguf_file.is_file():
+        proof["gguf"] = relative_difference(folder_logits(gguf_file, tokens, healed.info.dtype), reference)
+    return proof

@@ -79,4 +79,4 @@ def prove(model: Model, folder: str | os.PathLike[str], blocks: Sequence[int], t
     return ExportCheck(Provenance.of(model, command or command_line()), str(folder), tuple(sorted(blocks)),
                        model.n_layers, n_after, from_hf, from_streamlens, from_gguf,
                        str(gguf_file) if from_gguf is not None else None, tolerance,
-                       max(tolerance, TOLERANCE["float32"]), int(tokens.shape[0]), data)
+                       E.gguf_tolerance(dtype), int(tokens.shape[0]), data)

@@ -124,7 +124,8 @@ class HealResult(Result):
     ones). With 0 steps the healed model is the pruned one: after == before exactly.
     proof: the saved folder loaded back against the trained model in memory, max |logits - trained
     logits| / max |trained logits| on the first `proof_windows` held-out windows, per way of loading
-    ("transformers", "streamlens"); empty where not measured. `proof_tolerance`: what passes.
+    ("transformers", "streamlens", and "gguf" when a GGUF file was written); empty where not
+    measured. `proof_tolerance`: what passes; `gguf_tolerance`: what the float32 GGUF file may differ by.
     """
 
     provenance: Provenance
@@ -145,13 +146,15 @@ class HealResult(Result):
     proof: dict[str, float] | None = None
     proof_tolerance: float | None = None
     proof_windows: int = 0
+    gguf_tolerance: float | None = None
 
     @property
     def proved(self) -> bool | None:
-        """Every way of loading the saved folder within `proof_tolerance` (None: not measured)."""
+        """Every way of loading the saved folder within its tolerance (None: not measured)."""
         if not self.proof or self.proof_tolerance is None:
             return None
-        return all(value <= self.proof_tolerance for value in self.proof.values())
+        return all(value <= (self.gguf_tolerance if way == "gguf" and self.gguf_tolerance is not None
+                             else self.proof_tolerance) for way, value in self.proof.items())
 
     def to_dataframe(self) -> "pd.DataFrame":
         """Rows (metric, stage, estimate, low, high): before, after, and after - before (paired bootstrap)."""
