@@ -242,10 +242,10 @@ def test_cli_on_ray_killed_with_sigkill_and_resumed(cluster, folder, words, tmp_
                                start_new_session=True)
     checkpoint = out / B.CHECKPOINT_FOLDER
     total = 2 * 4 * 8  # effects x heads x chunks of 2 of the 16 windows: one shard each
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a wait, not a speed test: a busy 2-core CI box starts Ray slowly
     while len(list(checkpoint.rglob("*.safetensors"))) < total // 4:
         assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline, "no shard finished in 120 s"
+        assert time.monotonic() < deadline, "a quarter of the shards did not finish in 300 s"
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
