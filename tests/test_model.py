@@ -137,3 +137,32 @@ def test_bfloat16_runs_and_records(tmp_path, tiny_tokens):
     writes = record(model, tiny_tokens)
     assert writes.attn.dtype == torch.bfloat16
     assert writes.identity_error() / float(writes.final.abs().max()) < 0.05  # bf16 rounding only
+
+
+def test_a_float64_checkpoint_keeps_its_last_bits(tmp_path, tiny_tokens):
+    """A float64 model saved in float64 (a healed or trained float64 model) loads as float64 without a
+    float32 round trip: the handle's and the HF copy's weights are the stored ones, bit for bit."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from streamlens.model.folders import stores_float64
+    from streamlens.model.fidelity import exact_float64_norms
+    from streamlens.model.hf import hf_context, plain_copy
+    from streamlens.testing import tiny_model_folder, tiny_tokenizer
+
+    source = tiny_model_folder(tmp_path / "f32", arch="llama", n_layers=2)
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float64)
+    with torch.no_grad():
+        for parameter in hf.parameters():
+            parameter.add_(torch.randn_like(parameter) * 1e-3)  # bits float32 cannot hold
+    hf.save_pretrained(tmp_path / "f64")
+    tiny_tokenizer().save_pretrained(tmp_path / "f64")
+    assert not stores_float64(source) and stores_float64(tmp_path / "f64") and not stores_float64("smollm2")
+    stored = load_file(next((tmp_path / "f64").glob("*.safetensors")))
+    model = load_model(str(tmp_path / "f64"), dtype="float64")
+    weights = dict(plain_copy(model).named_parameters())
+    assert all(torch.equal(weights[name], tensor) for name, tensor in stored.items() if name in weights)
+    exact_float64_norms(hf)  # HF's RMSNorm rounds through float32; the handle's float64 norms are exact
+    with torch.no_grad(), hf_context(model):
+        reference = hf.eval()(tiny_tokens).logits  # the stored weights' own forward
+    assert (model.run(tiny_tokens) - reference).abs().max() / reference.abs().max() < 1e-12

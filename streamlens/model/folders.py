@@ -43,3 +43,25 @@ def check_folder(folder: Path) -> None:
         raise UntrustedFolderError(
             f"{folder} holds {found}: streamlens loads safetensors or GGUF only (pickles can run code); "
             f"convert it with safetensors, or pass a .gguf file")
+
+
+def stores_float64(source: Path | str) -> bool:
+    """Whether a local folder's safetensors files hold any float64 weight (read from their headers only).
+
+    Models are read in float32 and cast to the asked dtype; a float64 checkpoint (a float64 model
+    healed or trained and saved) must be read in float64, or its weights lose their last bits.
+    A hub name or a damaged header: False (the load itself reports the damage).
+    """
+    folder = Path(source)
+    if not folder.is_dir():
+        return False
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with open(path, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size)) if 0 < size <= 100_000_000 else {}
+        except (OSError, ValueError):
+            continue
+        if any(isinstance(entry, dict) and entry.get("dtype") == "F64" for entry in header.values()):
+            return True
+    return False

@@ -28,7 +28,7 @@ import torch
 from streamlens.model import cache
 from streamlens.model import fidelity as F
 from streamlens.model.cache import cache_dir, file_hash  # noqa: F401 (public names of streamlens.model)
-from streamlens.model.folders import check_folder
+from streamlens.model.folders import check_folder, stores_float64
 from streamlens.model.handle import DTYPES, Model, ModelInfo
 
 DEFAULT_MODEL = "smollm2"
@@ -174,7 +174,7 @@ def load_model(
     _check_device(device)
     started = time.perf_counter()
     display, hub_name, source, digest = _resolve(name_or_path, verify)
-    hf_model, tokenizer = _load_hf(display, source)
+    hf_model, tokenizer = _load_hf(display, source, dtype)
     architecture = type(hf_model).__name__
     _check_architecture(display, architecture)
     # The bridge picks its adapter from config.architectures: set it from the class transformers
@@ -203,8 +203,9 @@ def load_model(
     return model
 
 
-def _load_hf(display: str, source: Path | str) -> tuple[torch.nn.Module, Any]:
-    """(HF model in float32, tokenizer) from a folder or a hub name; every failure is one ModelLoadError."""
+def _load_hf(display: str, source: Path | str, dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
+    """(HF model in float32, tokenizer) from a folder or a hub name; every failure is one ModelLoadError.
+    A folder holding float64 weights, loaded as float64, is read in float64 (float32 would round them)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from safetensors import SafetensorError
@@ -212,7 +213,8 @@ def _load_hf(display: str, source: Path | str) -> tuple[torch.nn.Module, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars on every load are noise in a CLI
-    options = dict(dtype=torch.float32, attn_implementation="eager", trust_remote_code=False,
+    read_as = torch.float64 if dtype == "float64" and stores_float64(source) else torch.float32
+    options = dict(dtype=read_as, attn_implementation="eager", trust_remote_code=False,
                    use_safetensors=True)  # never unpickle
     try:
         with _quiet_transformers():  # its load reports and warnings are not ours to print; errors are raised
