@@ -213,8 +213,7 @@ def test_a_healed_gguf_file_is_proved_against_the_trained_model(pair, windows, t
     """With gguf=True the healed folder also holds a float32 GGUF file, read back by transformers' GGUF
     reader and proved with the float32 tolerance (the float64 model's own tolerance would refuse it)."""
     from streamlens.model import gguf
-    from streamlens.model.export import LOGIT_TOLERANCE
-    from streamlens.prune.prove import GGUF_NAME
+    from streamlens.model.export import GGUF_NAME, LOGIT_TOLERANCE
     from streamlens.testing import TINY_VOCAB
 
     words = gguf.GGUFVocabulary(tuple(f"w{i}" for i in range(TINY_VOCAB)), (1,) * TINY_VOCAB, (), 1, 2)

@@ -104,14 +104,18 @@ def _reference_lens(model, tokens: torch.Tensor, steps: int, lr: float, batch_to
 
 
 @pytest.mark.parametrize("rows_per_pass", [10, 256])
-def test_tuned_lens_training_equals_the_stage_by_stage_loop_bit_for_bit(tiny, monkeypatch, rows_per_pass):
+def test_tuned_lens_training_equals_the_stage_by_stage_loop(tiny, monkeypatch, rows_per_pass):
+    """Bit for bit on the Intel machines it was written on; a BLAS may sum the rows of a taller matmul
+    in another order (AMD EPYC, torch 2.13: 8e-14 relative on the weights after 4 Adam steps, 3e-16 on
+    the losses), so the check is float64 rounding, far below a wrong term (1e-3 and up)."""
     from streamlens.tunedlens import train
 
     monkeypatch.setattr(train, "ROWS_PER_PASS", rows_per_pass)  # 10: 2 stages of 5 tokens per graph, 2 graphs
     tokens = torch.randint(3, tiny.info.d_vocab, (3, 8), generator=torch.Generator().manual_seed(4))
     lens = train.train_tuned_lens(tiny, tokens, steps=4, lr=1e-2, batch_tokens=5, seed=1)
     weight, bias, losses = _reference_lens(tiny, tokens, steps=4, lr=1e-2, batch_tokens=5, seed=1)
-    assert torch.equal(lens.weight, weight) and torch.equal(lens.bias, bias) and torch.equal(lens.train_loss, losses)
+    for got, want in ((lens.weight, weight), (lens.bias, bias), (lens.train_loss, losses)):
+        assert (got - want).abs().max() <= 1e-10 * want.abs().max()
     assert weight.abs().max() > 0  # the lens moved: the comparison can fail
 
 

@@ -187,6 +187,7 @@ def save_folder(hf_model: torch.nn.Module, tokenizer: Any, folder: str | os.Path
     return target
 
 
+GGUF_NAME = "model-f32.gguf"  # the float32 GGUF file `streamlens prune --gguf` writes into a model folder
 LOGIT_TOLERANCE = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 2e-2}  # relative; what a faithful save keeps
 
 

@@ -17,11 +17,10 @@ import torch
 
 from streamlens.data import TokenBatch
 from streamlens.model import Model, load_model
-from streamlens.model.export import LOGIT_TOLERANCE, folder_logits, gguf_tolerance, relative_difference
+from streamlens.model.export import GGUF_NAME, LOGIT_TOLERANCE, folder_logits, gguf_tolerance, relative_difference
 from streamlens.model.hf import hf_context
 from streamlens.model.train import TrainSettings, save_folder, train
 from streamlens.prune.evaluate import prediction_metrics
-from streamlens.prune.prove import GGUF_NAME
 from streamlens.results.base import Provenance, command_line
 from streamlens.results.pruned import HealResult
 

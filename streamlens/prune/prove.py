@@ -24,7 +24,6 @@ from streamlens.results import Provenance, command_line
 from streamlens.results.prune import ExportCheck
 
 TOLERANCE = E.LOGIT_TOLERANCE
-GGUF_NAME = "model-f32.gguf"
 
 
 def export(model: Model, blocks: Sequence[int], folder: str | os.PathLike[str], gguf: bool = False,
@@ -43,7 +42,7 @@ def export(model: Model, blocks: Sequence[int], folder: str | os.PathLike[str], 
              "source_weights_sha256": model.info.weights_hash, "n_layers_before": model.n_layers,
              "n_layers_after": model.n_layers - len(blocks), "command": command or command_line(),
              **({"run_id": run_id} if run_id else {})}
-    return E.save_folder(pruned, tokenizer, folder, facts, gguf_name=GGUF_NAME if gguf else None)
+    return E.save_folder(pruned, tokenizer, folder, facts, gguf_name=E.GGUF_NAME if gguf else None)
 
 
 def simulated_logits(model: Model, blocks: Sequence[int], tokens: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
@@ -73,7 +72,7 @@ def prove(model: Model, folder: str | os.PathLike[str], blocks: Sequence[int], t
                                               for start in range(0, tokens.shape[0], 4)]), reference)
     n_after = loaded.n_layers
     del loaded
-    gguf_file = folder / GGUF_NAME
+    gguf_file = folder / E.GGUF_NAME
     from_gguf = relative(E.folder_logits(gguf_file, tokens, dtype), reference) if gguf_file.is_file() else None
     tolerance = TOLERANCE[dtype]
     return ExportCheck(Provenance.of(model, command or command_line()), str(folder), tuple(sorted(blocks)),
