@@ -264,7 +264,7 @@ def test_cli_on_ray_killed_with_sigkill_and_resumed(cluster, folder, words, tmp_
     meta, want_meta = (json.loads((path / "ablation.json").read_text()) for path in (out, tmp_path / "reference"))
     assert meta.keys() == want_meta.keys() and "2 workers" in meta["backend"]
     differ = {key for key in meta if meta[key] != want_meta[key]}
-    assert differ <= {"command", "created", "seconds", "backend"}, differ
+    assert differ <= {"command", "created", "seconds", "backend", "threads"}, differ  # threads: the cores idle then
 
 
 # ----- GPUs -----------------------------------------------------------------------------------------
