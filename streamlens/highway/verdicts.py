@@ -132,9 +132,10 @@ def _lesions(study: ResidualStudy) -> Verdict | None:
         drop[variant] = (study.heldout_accuracy[runs, -1:] - study.lesion_accuracy[runs]).nanmean(-1)
     if bool(drop["plain"].isnan().any()):
         return None  # no block of this depth can be deleted
+    chosen = (f"the deepest where plain reaches held-out accuracy >= {TRAINED_ACCURACY:g} in every seed"
+              if trained is not None else "the deepest; plain trained at none")
     row = _row("Deleting one block barely hurts a residual net and ruins a plain one",
-               f"digits CNN, {deep} basic blocks (the deepest where plain reaches held-out accuracy >= "
-               f"{TRAINED_ACCURACY:g} in every seed), trained; delete each same-shape block in turn at test time; "
+               f"digits CNN, {deep} basic blocks ({chosen}), trained; delete each same-shape block in turn at test time; "
                f"held-out accuracy drop averaged over blocks, plain minus residual",
                100 * (drop["plain"] - drop["residual"]), "points", "veit",
                f"plain drop {100 * float(drop['plain'].mean()):.1f} points, "
