@@ -45,6 +45,12 @@ def check_folder(folder: Path) -> None:
             f"convert it with safetensors, or pass a .gguf file")
 
 
+def read_dtype(source: Path | str, dtype: str) -> str:
+    """The dtype transformers reads `source` in before the cast to `dtype`: "float32", except a float64
+    load of a folder that stores float64 weights ("float64": float32 would round them)."""
+    return "float64" if dtype == "float64" and stores_float64(source) else "float32"
+
+
 def stores_float64(source: Path | str) -> bool:
     """Whether a local folder's safetensors files hold any float64 weight (read from their headers only).
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from streamlens.model import fidelity as F
-from streamlens.model.folders import check_folder, stores_float64
+from streamlens.model.folders import check_folder, read_dtype
 from streamlens.model.handle import DTYPES, Model
 
 
@@ -44,8 +44,8 @@ def plain_copy(model: Model, trainable: bool = False) -> torch.nn.Module:
         check_folder(Path(source))
         source = Path(source)
     try:
-        read_as = torch.float64 if model.info.dtype == "float64" and stores_float64(source) else torch.float32
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=read_as, attn_implementation="eager",
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[read_dtype(source, model.info.dtype)],
+                                                        attn_implementation="eager",
                                                         trust_remote_code=False, use_safetensors=True)
     except (OSError, ValueError, KeyError) as error:
         raise PlainCopyError(f"cannot read {model.info.name!r} again from {source}: {error}") from None

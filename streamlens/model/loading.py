@@ -28,7 +28,7 @@ import torch
 from streamlens.model import cache
 from streamlens.model import fidelity as F
 from streamlens.model.cache import cache_dir, file_hash  # noqa: F401 (public names of streamlens.model)
-from streamlens.model.folders import check_folder, stores_float64
+from streamlens.model.folders import check_folder, read_dtype
 from streamlens.model.handle import DTYPES, Model, ModelInfo
 
 DEFAULT_MODEL = "smollm2"
@@ -204,8 +204,8 @@ def load_model(
 
 
 def _load_hf(display: str, source: Path | str, dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
-    """(HF model in float32, tokenizer) from a folder or a hub name; every failure is one ModelLoadError.
-    A folder holding float64 weights, loaded as float64, is read in float64 (float32 would round them)."""
+    """(HF model in float32, or float64 where `folders.read_dtype` says so, tokenizer) from a folder or a
+    hub name; every failure is one ModelLoadError."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from safetensors import SafetensorError
@@ -213,8 +213,7 @@ def _load_hf(display: str, source: Path | str, dtype: str = "float32") -> tuple[
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars on every load are noise in a CLI
-    read_as = torch.float64 if dtype == "float64" and stores_float64(source) else torch.float32
-    options = dict(dtype=read_as, attn_implementation="eager", trust_remote_code=False,
+    options = dict(dtype=DTYPES[read_dtype(source, dtype)], attn_implementation="eager", trust_remote_code=False,
                    use_safetensors=True)  # never unpickle
     try:
         with _quiet_transformers():  # its load reports and warnings are not ours to print; errors are raised
