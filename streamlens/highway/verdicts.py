@@ -115,10 +115,11 @@ def trained_cnn_depth(study: ResidualStudy) -> int | None:
 
     The lesion test compares two trained nets: a plain net that never trained has little to lose.
     """
-    trained = [depth for depth in study.cnn_depths
-               if study.runs("cnn", "plain", depth) and bool(
-                   (study.heldout_accuracy[study.runs("cnn", "plain", depth), -1] >= TRAINED_ACCURACY).all())]
-    return max(trained) if trained else None
+    def every_seed_trained(depth: int) -> bool:
+        runs = study.runs("cnn", "plain", depth)
+        return bool(runs) and bool((study.heldout_accuracy[runs, -1] >= TRAINED_ACCURACY).all())
+
+    return max(filter(every_seed_trained, study.cnn_depths), default=None)
 
 
 def _lesions(study: ResidualStudy) -> Verdict | None:
